@@ -1,0 +1,276 @@
+"""BLIP image-text retrieval model: the original constructor, call and state-dict layout.
+
+`model(image, caption, alpha, idx) -> (loss_ita, loss_itm)` is kept as a thin composition of the public
+pieces that evaluation uses too: `tokenize`, `encode_image`, `encode_text`, `match_logits`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import BertConfig
+
+import utils
+from models.checkpoint import load_pretrained
+from models.losses import (distilled_targets, hard_negative_weights, itc_loss, itm_loss,
+                           same_id_targets)
+from models.med import TextEncoder, load_med_config
+from models.tokenizer import init_tokenizer, tokenize, with_enc_token
+from models.vit import VitSpec, create_vit
+
+_logger = logging.getLogger(__name__)
+
+# (online, momentum) module names; the momentum copies follow their online twins by EMA.
+MOMENTUM_PAIRS = (('visual_encoder', 'visual_encoder_m'), ('vision_proj', 'vision_proj_m'),
+                  ('text_encoder', 'text_encoder_m'), ('text_proj', 'text_proj_m'))
+
+
+@dataclass
+class TrainOutputs:
+    loss_ita: torch.Tensor
+    loss_itm: torch.Tensor
+    itm_logits: torch.Tensor       # (3B, 2): positives, text+negative image, image+negative text
+    neg_image_idx: torch.Tensor    # (B,) negative image (index into the gathered batch) for each text
+    neg_text_idx: torch.Tensor     # (B,) negative text for each image
+
+
+class BLIP_Retrieval(nn.Module):
+    """BLIP ViT + BERT retrieval model with momentum encoders and feature queues.
+
+    Args:
+        med_config: path of the BERT config (`configs/med_config.json`), a dict or a BertConfig.
+        image_size: input resolution.
+        vit: 'base', 'large' or a mapping {embed_dim, depth, num_heads, patch_size, mlp_ratio}.
+        vit_grad_ckpt, vit_ckpt_layer: activation checkpointing of the last `vit_ckpt_layer` ViT blocks.
+        embed_dim: size of the contrastive projections.
+        queue_size: number of momentum features kept for the contrastive loss.
+        momentum: EMA factor of the momentum encoders.
+        negative_all_rank: sample hard negatives from the batches of all ranks (with gradients).
+        tokenizer: hub id, folder or vocab.txt of the WordPiece tokenizer.
+    """
+
+    def __init__(self, med_config: Union[str, Mapping, BertConfig] = 'configs/med_config.json',
+                 image_size: int = 384, vit: VitSpec = 'base', vit_grad_ckpt: bool = False,
+                 vit_ckpt_layer: int = 0, embed_dim: int = 256, queue_size: int = 57600,
+                 momentum: float = 0.995, negative_all_rank: bool = False,
+                 tokenizer: str = 'bert-base-uncased'):
+        super().__init__()
+        self.tokenizer = init_tokenizer(tokenizer)
+        self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer)
+        text_config = _bert_config(med_config, vision_width)
+        if text_config.vocab_size != len(self.tokenizer):
+            raise ValueError(f'med_config vocab_size {text_config.vocab_size} != tokenizer size '
+                             f'{len(self.tokenizer)} (vocab + [DEC] + [ENC]); use the matching tokenizer')
+        self.text_encoder = TextEncoder(text_config)
+        text_width = text_config.hidden_size
+
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+
+        self.visual_encoder_m, _ = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = TextEncoder(text_config)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self._copy_to_momentum()
+
+        self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('text_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('idx_queue', torch.full((1, queue_size), -100))
+        self.register_buffer('ptr_queue', torch.zeros(1, dtype=torch.long))
+        self.temp = nn.Parameter(0.07 * torch.ones([]))
+
+        self.image_size = image_size
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.negative_all_rank = negative_all_rank
+        # Fast path: the image keys/values of a step are computed once for the three matching passes.
+        self.itm_shared_kv = True
+
+    # ------------------------------------------------------------------ public encoders
+    @property
+    def enc_token_id(self) -> int:
+        return self.tokenizer.enc_token_id
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (input_ids, attention_mask) on the model's device, padded to 35 tokens."""
+        return tokenize(self.tokenizer, captions, self.temp.device)
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> image tokens (B, 1+P, D) and normalized contrastive features (B, embed_dim)."""
+        image_embeds = self.visual_encoder(image)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        return image_embeds, image_feat
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalized contrastive text features (B, embed_dim), text encoder without the image."""
+        hidden = self.text_encoder(input_ids, attention_mask)
+        return F.normalize(self.text_proj(hidden[:, 0, :]), dim=-1)
+
+    def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention keys/values of image tokens, to reuse across texts."""
+        return self.text_encoder.image_kv(image_embeds)
+
+    def match_logits(self, itm_input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     image_embeds: Optional[torch.Tensor] = None,
+                     image_kv: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+        """Image-text matching logits (B, 2) (class 1 = match); ids must start with `[ENC]`."""
+        hidden = self.text_encoder(itm_input_ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv)
+        return self.itm_head(hidden[:, 0, :])
+
+    # ------------------------------------------------------------------ training
+    def forward(self, image: torch.Tensor, caption, alpha: float, idx: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original call: `caption` is a list of strings or a pre-tokenized (input_ids, attention_mask)."""
+        input_ids, attention_mask = self._as_tokens(caption)
+        out = self.forward_train(image, input_ids, attention_mask, alpha, idx)
+        return out.loss_ita, out.loss_itm
+
+    def forward_train(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      alpha: float, idx: torch.Tensor) -> TrainOutputs:
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        idx = idx.view(-1)
+        image_embeds, image_feat = self.encode_image(image)
+        text_feat = self.encode_text(input_ids, attention_mask)
+
+        # ITC against the current batch followed by the queue, positives = same image id.
+        targets = same_id_targets(idx, torch.cat([idx, self.idx_queue[0]]))
+        with torch.no_grad():
+            self.momentum_update()
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(image)[:, 0, :]), dim=-1)
+            text_hidden_m = self.text_encoder_m(input_ids, attention_mask)
+            text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0, :]), dim=-1)
+            image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
+            text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
+            targets_i2t = distilled_targets(image_feat_m @ text_feat_m_all / self.temp, targets, alpha)
+            targets_t2i = distilled_targets(text_feat_m @ image_feat_m_all / self.temp, targets, alpha)
+        sim_i2t = image_feat @ text_feat_m_all / self.temp
+        sim_t2i = text_feat @ image_feat_m_all / self.temp
+        loss_ita = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+
+        idx_world = utils.all_gather_cat(idx)
+        self.enqueue(image_feat_m, text_feat_m, idx_world)
+
+        itm_logits, neg_image_idx, neg_text_idx = self._itm_logits(
+            image_embeds, image_feat, text_feat, input_ids, attention_mask, idx, idx_world)
+        loss_itm = itm_loss(itm_logits, image.shape[0])
+        return TrainOutputs(loss_ita, loss_itm, itm_logits, neg_image_idx, neg_text_idx)
+
+    def _itm_logits(self, image_embeds, image_feat, text_feat, input_ids, attention_mask, idx, idx_world):
+        """Matching logits of the positives and of one hard negative per text and per image."""
+        batch = image_embeds.shape[0]
+        itm_ids = with_enc_token(input_ids, self.enc_token_id)
+        all_rank = self.negative_all_rank and utils.get_world_size() > 1
+        with torch.no_grad():
+            if all_rank:
+                same_id = idx[:, None] == idx_world[None, :]
+                text_feat_cands, image_feat_cands = utils.all_gather_cat(text_feat), utils.all_gather_cat(image_feat)
+            else:
+                same_id = idx[:, None] == idx[None, :]
+                text_feat_cands, image_feat_cands = text_feat, image_feat
+            weights_i2t = hard_negative_weights(image_feat @ text_feat_cands.t() / self.temp, same_id)
+            weights_t2i = hard_negative_weights(text_feat @ image_feat_cands.t() / self.temp, same_id)
+            neg_image_idx, neg_text_idx = self.sample_hard_negatives(weights_t2i, weights_i2t)
+
+        if all_rank:  # negatives may live on other ranks: gather (gradients flow back to their owner)
+            image_embeds_cands = utils.all_gather_with_grad(image_embeds)
+            ids_cands, mask_cands = utils.all_gather_cat(itm_ids), utils.all_gather_cat(attention_mask)
+        else:
+            image_embeds_cands, ids_cands, mask_cands = image_embeds, itm_ids, attention_mask
+        neg_ids, neg_mask = ids_cands[neg_text_idx], mask_cands[neg_text_idx]
+
+        # Rows: (text b, image b), (text b, its negative image), (negative text of image b, image b).
+        ids = torch.cat([itm_ids, itm_ids, neg_ids])
+        mask = torch.cat([attention_mask, attention_mask, neg_mask])
+        if self.itm_shared_kv:
+            kv_local = self.image_kv(image_embeds)
+            if all_rank:
+                kv_neg = self.image_kv(image_embeds_cands[neg_image_idx])
+            else:
+                kv_neg = [(k[neg_image_idx], v[neg_image_idx]) for k, v in kv_local]
+            kv = [(torch.cat([k, k_neg, k]), torch.cat([v, v_neg, v]))
+                  for (k, v), (k_neg, v_neg) in zip(kv_local, kv_neg)]
+            logits = self.match_logits(ids, mask, image_kv=kv)
+        else:  # the straightforward path: each pass projects its image tokens again
+            logits_pos = self.match_logits(itm_ids, attention_mask, image_embeds=image_embeds)
+            images_neg = torch.cat([image_embeds_cands[neg_image_idx], image_embeds])
+            logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg)
+            logits = torch.cat([logits_pos, logits_neg])
+        return logits, neg_image_idx, neg_text_idx
+
+    def sample_hard_negatives(self, weights_t2i: torch.Tensor, weights_i2t: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One negative image per text, then one negative text per image (the original's RNG order)."""
+        neg_image_idx = torch.multinomial(weights_t2i, 1).squeeze(1)
+        neg_text_idx = torch.multinomial(weights_i2t, 1).squeeze(1)
+        return neg_image_idx, neg_text_idx
+
+    # ------------------------------------------------------------------ momentum encoders and queues
+    def _momentum_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        online = [p for name, _ in MOMENTUM_PAIRS for p in getattr(self, name).parameters()]
+        momentum = [p for _, name in MOMENTUM_PAIRS for p in getattr(self, name).parameters()]
+        return online, momentum
+
+    @torch.no_grad()
+    def _copy_to_momentum(self) -> None:
+        online, momentum = self._momentum_params()
+        for p, p_m in zip(online, momentum):
+            p_m.copy_(p)
+            p_m.requires_grad_(False)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """p_m <- momentum * p_m + (1 - momentum) * p, in place on every momentum parameter."""
+        online, momentum = self._momentum_params()
+        torch._foreach_lerp_(momentum, online, 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx_world: torch.Tensor) -> None:
+        """Write the momentum features of all ranks at the queue pointer and advance it."""
+        image_feats = utils.all_gather_cat(image_feat_m)
+        text_feats = utils.all_gather_cat(text_feat_m)
+        batch = image_feats.shape[0]
+        if self.queue_size % batch:
+            raise ValueError(f'queue_size {self.queue_size} must be divisible by the global batch size {batch}')
+        # Index arithmetic on the device: no host sync to read the pointer.
+        slots = self.ptr_queue + torch.arange(batch, device=self.ptr_queue.device)
+        self.image_queue.index_copy_(1, slots, image_feats.t().to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, slots, text_feats.t().to(self.text_queue.dtype))
+        self.idx_queue.index_copy_(1, slots, idx_world.view(1, -1).to(self.idx_queue.dtype))
+        self.ptr_queue.copy_((self.ptr_queue + batch) % self.queue_size)
+
+    def _as_tokens(self, caption) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(caption, (list, tuple)) and caption and isinstance(caption[0], str):
+            return self.tokenize(caption)
+        input_ids, attention_mask = caption
+        return input_ids, attention_mask
+
+
+def _bert_config(med_config: Union[str, Mapping, BertConfig], vision_width: int) -> BertConfig:
+    if isinstance(med_config, BertConfig):
+        config = med_config
+    elif isinstance(med_config, Mapping):
+        config = BertConfig(**med_config)
+    else:
+        config = load_med_config(med_config)
+    config.encoder_width = vision_width  # cross-attention keys/values come from the ViT
+    return config
+
+
+def blip_retrieval(pretrained: str = '', **kwargs) -> BLIP_Retrieval:
+    """Build `BLIP_Retrieval(**kwargs)` and load `pretrained` (URL or path) if given.
+
+    Extra keys for loading: `sha256` (verify the file), `allow_unsafe_checkpoint` (fall back to a full
+    pickle load for files that are not plain tensors — only for files you trust).
+    """
+    sha256 = kwargs.pop('sha256', None)
+    allow_unsafe = kwargs.pop('allow_unsafe_checkpoint', False)
+    model = BLIP_Retrieval(**kwargs)
+    if pretrained:
+        model.load_report = load_pretrained(model, pretrained, sha256=sha256, allow_unsafe=allow_unsafe)
+    return model

@@ -1,0 +1,188 @@
+"""Reading official BLIP checkpoints (URL or path) safely and loading them with a key-by-key report."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from models.vit import resize_pos_embed
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_URL_ROOT = 'https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/'
+OFFICIAL_CHECKPOINTS = {
+    name: CHECKPOINT_URL_ROOT + name + '.pth'
+    for name in ('model_base_14M', 'model_base', 'model_base_capfilt_large', 'model_large',
+                 'model_base_retrieval_flickr', 'model_large_retrieval_flickr',
+                 'model_base_retrieval_coco', 'model_large_retrieval_coco')
+}
+
+QUEUE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'ptr_queue')
+POS_EMBED_KEYS = ('visual_encoder.pos_embed', 'visual_encoder_m.pos_embed')
+# Keys a checkpoint may lack or carry on purpose (pre-training checkpoints have a captioning decoder,
+# no id queue; newer transformers stopped saving position_ids).
+EXPECTED_MISSING = re.compile(r'^(image_queue|text_queue|idx_queue|ptr_queue|.*embeddings\.position_ids)$')
+EXPECTED_UNEXPECTED = re.compile(r'^text_decoder\.')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What happened to every key that did not load one-to-one."""
+    resized: list[str] = field(default_factory=list)
+    expected_missing: list[str] = field(default_factory=list)
+    expected_unexpected: list[str] = field(default_factory=list)
+    skipped_queue: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # 'key: checkpoint shape -> model shape'
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def _is_url(path: str) -> bool:
+    return urlparse(path).scheme in ('http', 'https')
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_checkpoint(url_or_path: str, sha256: str | None = None) -> str:
+    """Local path of a checkpoint; a URL is downloaded once into the torch hub cache (with progress)."""
+    if _is_url(url_or_path):
+        cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, os.path.basename(urlparse(url_or_path).path))
+        if not os.path.exists(path):
+            _logger.info('Downloading %s to %s', url_or_path, path)
+            try:  # download_url_to_file writes a temporary file and renames it when complete
+                torch.hub.download_url_to_file(url_or_path, path, progress=True)
+            except Exception as error:
+                raise CheckpointError(
+                    f'could not download {url_or_path}: {error}\nOn a machine without internet, download it '
+                    f'elsewhere and set `pretrained` to the local path (or copy it to {path}).') from error
+    else:
+        path = url_or_path
+        if not os.path.isfile(path):
+            raise CheckpointError(f'checkpoint file not found: {path} (set `pretrained` to an existing file or URL)')
+    if sha256:
+        actual = sha256_of(path)
+        if actual.lower() != sha256.lower():
+            raise CheckpointError(f'sha256 of {path} is {actual}, expected {sha256}: the file is corrupt or not '
+                                  'the one the config names; delete it and download again')
+    return path
+
+
+def read_checkpoint(url_or_path: str, sha256: str | None = None, allow_unsafe: bool = False) -> dict:
+    """Load a checkpoint file as a dict, with `weights_only=True` (plain tensors and containers).
+
+    The official BLIP files are plain dicts of tensors and load this way. A file that needs arbitrary
+    pickled objects is refused unless `allow_unsafe` is set (then it is loaded with a warning).
+    """
+    path = fetch_checkpoint(url_or_path, sha256)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not allow_unsafe:
+            raise CheckpointError(
+                f'{path} contains pickled objects other than tensors and was refused (weights_only=True): '
+                f'{str(error).splitlines()[0]}\nIf you trust this file, set `allow_unsafe_checkpoint: True` '
+                'in the config to load it anyway.') from None
+        _logger.warning('Loading %s with weights_only=False (allow_unsafe_checkpoint): this can run code '
+                        'stored in the file', path)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f'{path} is not a readable checkpoint ({error}); it may be truncated: '
+                              'delete it and download or copy it again') from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, expected a dict with a "model" state_dict')
+    return checkpoint
+
+
+def model_state_dict(checkpoint: dict, source: str = 'checkpoint') -> dict[str, torch.Tensor]:
+    """The state_dict inside an official checkpoint (`{'model': ...}`) or a bare state_dict."""
+    state_dict = checkpoint.get('model', checkpoint)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f'{source} has no "model" state_dict of tensors (keys: {sorted(checkpoint)[:10]})')
+    return state_dict
+
+
+def adapt_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict, LoadReport]:
+    """Match a checkpoint's state_dict to the model, classifying every difference."""
+    report = LoadReport()
+    target = model.state_dict()
+    adapted = {}
+    for key, value in state_dict.items():
+        if key not in target:
+            (report.expected_unexpected if EXPECTED_UNEXPECTED.match(key) else report.unexpected).append(key)
+            continue
+        if key in POS_EMBED_KEYS and value.shape != target[key].shape and value.shape[-1] == target[key].shape[-1]:
+            num_patches = target[key].shape[1] - 1
+            value = resize_pos_embed(value, num_patches)
+            report.resized.append(f'{key}: {tuple(state_dict[key].shape)} -> {tuple(value.shape)}')
+        if value.shape != target[key].shape:
+            if key in QUEUE_KEYS:  # another queue_size: keep the model's freshly initialised queue
+                report.skipped_queue.append(f'{key}: {tuple(value.shape)} -> {tuple(target[key].shape)}')
+            else:
+                report.mismatched.append(f'{key}: {tuple(value.shape)} -> {tuple(target[key].shape)}')
+            continue
+        adapted[key] = value
+    for key in target:
+        if key not in state_dict:
+            (report.expected_missing if EXPECTED_MISSING.match(key) else report.missing).append(key)
+    return adapted, report
+
+
+def _log_report(report: LoadReport, source: str) -> None:
+    for line in report.resized:
+        _logger.info('resized %s', line)
+    if report.expected_unexpected:
+        _logger.info('%d keys not used, as expected (pre-training captioning decoder): %s ...',
+                     len(report.expected_unexpected), report.expected_unexpected[0])
+    if report.expected_missing:
+        _logger.info('not in the checkpoint, as expected (fresh queues / constant position ids): %s',
+                     ', '.join(report.expected_missing))
+    if report.skipped_queue:
+        _logger.info('queue of another size in the checkpoint, kept the new empty queue: %s',
+                     '; '.join(report.skipped_queue))
+    if report.unexpected:
+        _logger.warning('%s has %d keys the model does not use: %s', source, len(report.unexpected),
+                        ', '.join(report.unexpected[:20]))
+
+
+def load_pretrained(model: nn.Module, url_or_path: str, sha256: str | None = None,
+                    allow_unsafe: bool = False) -> LoadReport:
+    """Load an official (or our own) checkpoint into `model`, strictly, with a report.
+
+    Missing or shape-mismatched weights are an error that lists every key: they mean the checkpoint is
+    of another architecture (e.g. ViT-L weights with `vit: base`, or another med_config).
+    """
+    checkpoint = read_checkpoint(url_or_path, sha256, allow_unsafe)
+    state_dict, report = adapt_state_dict(model, model_state_dict(checkpoint, url_or_path))
+    if report.missing or report.mismatched:
+        lines = [f'  missing: {k}' for k in report.missing] + [f'  shape: {k}' for k in report.mismatched]
+        shown = '\n'.join(lines[:40]) + (f'\n  ... and {len(lines) - 40} more' if len(lines) > 40 else '')
+        raise CheckpointError(
+            f'{url_or_path} does not fit this model ({len(report.missing)} missing, {len(report.mismatched)} '
+            f'of another shape):\n{shown}\nCheck `vit` (base/large), `med_config`, `embed_dim` and `image_size`.')
+    model.load_state_dict(state_dict, strict=False)  # every omission was classified above
+    _log_report(report, url_or_path)
+    _logger.info('Loaded %s (%d tensors)', url_or_path, len(state_dict))
+    return report
