@@ -1,0 +1,85 @@
+"""Shared fixtures: the golden tiny model rebuilt from its recipe, and the golden reference outputs."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, 'tests', 'fixtures')
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+VOCAB = os.path.join(FIXTURES, 'bert-base-uncased-vocab.txt')
+TINY_MED_CONFIG = os.path.join(FIXTURES, 'tiny_med_config.json')
+TINY_KWARGS = dict(med_config=TINY_MED_CONFIG, image_size=32, vit={'embed_dim': 64, 'depth': 2, 'num_heads': 2},
+                   vit_grad_ckpt=False, vit_ckpt_layer=0, embed_dim=16, queue_size=16, momentum=0.995,
+                   negative_all_rank=False, tokenizer=VOCAB)
+LAYERNORM_SUFFIXES = ('LayerNorm.weight', 'norm.weight', 'norm1.weight', 'norm2.weight')
+
+
+def recipe_state_dict(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The golden weights, regenerated key by key from the recipe in the golden README."""
+    out = {}
+    for key, value in reference.items():
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode('utf-8')))
+        shape = value.shape
+        if key == 'temp':
+            out[key] = torch.full(shape, 0.07)
+        elif key == 'ptr_queue':
+            out[key] = torch.zeros(shape, dtype=torch.long)
+        elif key == 'idx_queue':
+            out[key] = torch.full(shape, -100, dtype=torch.long)
+        elif key in ('image_queue', 'text_queue'):
+            out[key] = F.normalize(torch.randn(shape, generator=g), dim=0)
+        elif key.endswith('embeddings.position_ids'):
+            out[key] = torch.arange(shape[-1]).view(shape)
+        else:
+            out[key] = torch.randn(shape, generator=g) * 0.02
+            if key.endswith(LAYERNORM_SUFFIXES):
+                out[key] = out[key] + 1
+    return out
+
+
+@pytest.fixture(scope='session')
+def golden() -> dict:
+    with open(os.path.join(FIXTURES, 'tiny_golden.json')) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='session')
+def golden_checkpoint(tmp_path_factory) -> str:
+    """`tiny_blip_retrieval.pth` rebuilt from the recipe (not committed: 18 MB)."""
+    from models import BLIP_Retrieval
+    model = BLIP_Retrieval(**TINY_KWARGS)
+    path = tmp_path_factory.mktemp('golden') / 'tiny_blip_retrieval.pth'
+    torch.save({'model': recipe_state_dict(model.state_dict())}, path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_model(golden_checkpoint):
+    from models import blip_retrieval
+    return blip_retrieval(golden_checkpoint, **TINY_KWARGS).eval()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str = REPO, env_extra: dict | None = None):
+    """Launch `python -m torch.distributed.run --nproc_per_node=N ARGS` (gloo on CPU); returns CompletedProcess."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env.update(env_extra or {})
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
+           f'--master_port={free_port()}', *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

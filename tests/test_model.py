@@ -1,0 +1,250 @@
+"""The retrieval model against the original implementation's recorded outputs and layout."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FIXTURES, REPO, TINY_KWARGS, VOCAB, run_torchrun
+from models import BLIP_Retrieval, blip_retrieval
+from models.checkpoint import CheckpointError, read_checkpoint
+
+ATOL = 1e-5
+
+
+def t(x, dtype=torch.float32):
+    return torch.tensor(x, dtype=dtype)
+
+
+def test_base_state_dict_matches_official_layout():
+    with open(os.path.join(FIXTURES, 'base_state_dict_keys.txt')) as f:
+        reference = [tuple(line.rstrip('\n').split('\t')) for line in f if not line.startswith('#')]
+    with torch.device('meta'):  # shapes only: no 450M random weights
+        model = BLIP_Retrieval(med_config=os.path.join(REPO, 'configs', 'med_config.json'), image_size=384,
+                               vit='base', embed_dim=256, queue_size=57600, tokenizer=VOCAB)
+    params = dict(model.named_parameters())
+    mine = [(k, str(list(v.shape)), str(v.dtype).removeprefix('torch.'), 'param' if k in params else 'buffer')
+            for k, v in model.state_dict().items()]
+    assert len(reference) == 949
+    assert mine == reference
+
+
+def test_tokenizer_matches_golden(tiny_model, golden):
+    ids, mask = tiny_model.tokenize(golden['captions'])
+    assert ids.tolist() == golden['input_ids']
+    assert mask.tolist() == golden['attention_mask']
+    tok = golden['tokenizer']
+    assert (tiny_model.enc_token_id, tiny_model.tokenizer.bos_token_id, len(tiny_model.tokenizer)) == \
+        (tok['enc_token_id'], tok['bos_token_id'], tok['len'])
+
+
+@torch.no_grad()
+def test_features_similarities_and_matching_logits(tiny_model, golden):
+    images = t(golden['images'])
+    image_embeds, image_feat = tiny_model.encode_image(images)
+    torch.testing.assert_close(image_embeds, t(golden['image_embeds']), atol=ATOL, rtol=0)
+    torch.testing.assert_close(image_feat, t(golden['image_feat']), atol=ATOL, rtol=0)
+    ids, mask = tiny_model.tokenize(golden['captions'])
+    text_feat = tiny_model.encode_text(ids, mask)
+    torch.testing.assert_close(text_feat, t(golden['text_feat']), atol=ATOL, rtol=0)
+    torch.testing.assert_close(image_feat @ text_feat.t(), t(golden['sim_i2t']), atol=ATOL, rtol=0)
+    itm_ids = t(golden['itm_input_ids'], torch.long)
+    assert (itm_ids[:, 0] == tiny_model.enc_token_id).all()
+    logits = torch.stack([tiny_model.match_logits(itm_ids, mask, image_embeds=image_embeds[i:i + 1].expand(8, -1, -1))
+                          for i in range(4)])
+    torch.testing.assert_close(logits, t(golden['itm_logits']), atol=ATOL, rtol=0)
+    # The same logits from keys/values computed once per image.
+    kv = tiny_model.image_kv(image_embeds[1:2].expand(8, -1, -1))
+    torch.testing.assert_close(tiny_model.match_logits(itm_ids, mask, image_kv=kv), logits[1], atol=1e-6, rtol=0)
+
+
+def _train_forward(model, golden, inject_negatives: bool):
+    batch = golden['train_batch']
+    ref = golden['train_forward_eval_mode']
+    if inject_negatives:
+        model.sample_hard_negatives = lambda w_t2i, w_i2t: (t(ref['neg_image_idx_for_text'], torch.long),
+                                                            t(ref['neg_text_idx_for_image'], torch.long))
+    images = t(golden['images'])[batch['image_rows']]
+    ids, mask = model.tokenize([golden['captions'][i] for i in batch['caption_rows']])
+    torch.manual_seed(batch['seed'])
+    return model.forward_train(images, ids, mask, batch['alpha'], t(batch['idx'], torch.long)), ref
+
+
+@pytest.mark.parametrize('shared_kv', [True, False], ids=['shared_kv', 'reference_passes'])
+def test_training_forward_matches_golden(tiny_model, golden, shared_kv):
+    tiny_model.itm_shared_kv = shared_kv
+    out, ref = _train_forward(tiny_model, golden, inject_negatives=True)
+    assert out.loss_ita.item() == pytest.approx(ref['loss_ita'], abs=ATOL)
+    assert out.loss_itm.item() == pytest.approx(ref['loss_itm'], abs=ATOL)
+    torch.testing.assert_close(out.itm_logits, t(ref['itm_head_output_vl']), atol=ATOL, rtol=0)
+    for name in ('image_queue', 'text_queue'):
+        torch.testing.assert_close(getattr(tiny_model, name), t(ref[name]), atol=ATOL, rtol=0)
+    assert tiny_model.idx_queue.tolist() == ref['idx_queue']
+    assert tiny_model.ptr_queue.tolist() == ref['ptr_queue']
+    state = tiny_model.state_dict()
+    for key, value in ref.items():
+        if key.startswith('momentum_after::'):
+            torch.testing.assert_close(state[key.split('::')[1]], t(value), atol=ATOL, rtol=0)
+    (out.loss_ita + out.loss_itm).backward()
+    params = dict(tiny_model.named_parameters())
+    for name, grad in ref['grads'].items():
+        torch.testing.assert_close(params[name].grad, t(grad), atol=ATOL, rtol=1e-5)
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params.values() if p.grad is not None))
+    assert norm.item() == pytest.approx(ref['grad_global_l2_norm'], rel=1e-5)
+
+
+def test_hard_negative_sampling_follows_original_rng_order(tiny_model, golden):
+    out, ref = _train_forward(tiny_model, golden, inject_negatives=False)
+    assert out.neg_image_idx.tolist() == ref['neg_image_idx_for_text']
+    assert out.neg_text_idx.tolist() == ref['neg_text_idx_for_image']
+
+
+def test_fused_and_explicit_attention_agree(tiny_model, golden):
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    ids, mask = tiny_model.tokenize(golden['captions'][:3])
+    with torch.no_grad():
+        outputs = []
+        for fused in (True, False):
+            tiny_model.text_encoder.set_fused_attn(fused)
+            for block in tiny_model.visual_encoder.blocks:
+                block.attn.fused_attn = fused
+            embeds, _ = tiny_model.encode_image(images)
+            outputs.append((embeds, tiny_model.encode_text(ids, mask), tiny_model.match_logits(ids, mask, embeds)))
+    for fused_out, explicit_out in zip(*outputs):
+        torch.testing.assert_close(fused_out, explicit_out, atol=1e-6, rtol=0)
+
+
+def test_every_trainable_parameter_gets_a_finite_gradient_and_momentum_only_ema(tiny_model, golden):
+    tiny_model.train()
+    before = {k: v.clone() for k, v in tiny_model.named_parameters()}
+    out, _ = _train_forward(tiny_model, golden, inject_negatives=False)
+    (out.loss_ita + out.loss_itm).backward()
+    online = dict(tiny_model.named_parameters())
+    for name, p in online.items():
+        if name.split('.')[0].endswith('_m'):
+            assert not p.requires_grad and p.grad is None, name
+            online_name = name.replace('_m.', '.', 1)
+            expected = 0.995 * before[name] + 0.005 * before[online_name]
+            torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-6, msg=name)
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_position_embedding_resized_like_by_hand(tmp_path, golden_checkpoint):
+    state = torch.load(golden_checkpoint, weights_only=True)['model']  # made at 32 px: 2x2 patches
+    kwargs = dict(TINY_KWARGS, image_size=64)  # 4x4 patches
+    model = blip_retrieval(golden_checkpoint, **kwargs)
+    for key in ('visual_encoder.pos_embed', 'visual_encoder_m.pos_embed'):
+        pos = state[key]
+        grid = pos[:, 1:].reshape(1, 2, 2, 64).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(4, 4), mode='bicubic', align_corners=False)
+        by_hand = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 16, 64)], dim=1)
+        torch.testing.assert_close(model.state_dict()[key], by_hand, atol=0, rtol=0)
+    assert len(model.load_report.resized) == 2 and model.load_report.clean
+
+
+def test_pretraining_checkpoint_differences_are_expected(tmp_path, golden_checkpoint):
+    state = torch.load(golden_checkpoint, weights_only=True)['model']
+    state['text_decoder.bert.embeddings.word_embeddings.weight'] = torch.zeros(4, 4)  # captioning decoder
+    del state['idx_queue'], state['ptr_queue']
+    state['image_queue'] = torch.zeros(16, 32)  # another queue_size
+    path = tmp_path / 'pretrain.pth'
+    torch.save({'model': state}, path)
+    report = blip_retrieval(str(path), **TINY_KWARGS).load_report
+    assert report.clean
+    assert report.expected_unexpected == ['text_decoder.bert.embeddings.word_embeddings.weight']
+    assert report.expected_missing == ['idx_queue', 'ptr_queue']
+    assert report.skipped_queue == ['image_queue: (16, 32) -> (16, 16)']
+
+
+def test_checkpoint_of_another_architecture_lists_keys(tmp_path, golden_checkpoint):
+    state = torch.load(golden_checkpoint, weights_only=True)['model']
+    del state['itm_head.weight']
+    state['vision_proj.weight'] = torch.zeros(16, 128)
+    path = tmp_path / 'other.pth'
+    torch.save({'model': state}, path)
+    with pytest.raises(CheckpointError) as error:
+        blip_retrieval(str(path), **TINY_KWARGS)
+    message = str(error.value)
+    assert 'missing: itm_head.weight' in message and 'vision_proj.weight: (16, 128) -> (16, 64)' in message
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ('echo pwned',))
+
+
+def test_unsafe_pickle_refused_and_truncated_file_reported(tmp_path, golden_checkpoint):
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': {}, 'payload': _Evil()}, evil)
+    with pytest.raises(CheckpointError, match='allow_unsafe_checkpoint'):
+        read_checkpoint(str(evil))
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(open(golden_checkpoint, 'rb').read()[:100_000])
+    with pytest.raises(CheckpointError, match='truncated'):
+        read_checkpoint(str(truncated))
+    with pytest.raises(CheckpointError, match='sha256'):
+        read_checkpoint(golden_checkpoint, sha256='0' * 64)
+
+
+ALL_RANK_SCRIPT = r'''
+import sys, torch
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import utils
+from conftest import TINY_KWARGS
+from models import BLIP_Retrieval
+info = utils.init_distributed('cpu')
+rank = info.rank
+torch.manual_seed(0)
+model = BLIP_Retrieval(**dict(TINY_KWARGS, negative_all_rank=True)).train()
+captured = {{}}
+def keep(module, inputs, output):
+    output.retain_grad(); captured['embeds'] = output
+model.visual_encoder.register_forward_hook(keep)
+torch.manual_seed(100 + rank)
+images = torch.randn(2, 3, 32, 32)
+ids, mask = model.tokenize(['a dog', 'a cat'] if rank == 0 else ['a car', 'a tree'])
+idx = torch.tensor([0, 1]) + 2 * rank
+# Rank 1 takes every negative image from rank 0; rank 0 from itself.
+neg = torch.tensor([0, 1]) if rank == 1 else torch.tensor([1, 0])
+model.sample_hard_negatives = lambda w_t2i, w_i2t: (neg, torch.tensor([1, 0]) + 2 * rank)
+out = model.forward_train(images, ids, mask, 0.4, idx)
+scale = 0.0 if rank == 0 else 1.0   # only rank 1's loss counts
+(out.loss_itm * scale).backward()
+grad = captured['embeds'].grad
+print(f'RANK{{rank}} grad_abs={{grad.abs().sum().item():.6g}} ptr={{int(model.ptr_queue)}} '
+      f'idx_queue={{model.idx_queue[0, :4].tolist()}}', flush=True)
+# Sampling weights span both ranks' candidates (same-id entries zeroed).
+w = torch.zeros(2, 4)
+orig = BLIP_Retrieval.sample_hard_negatives
+seen = {{}}
+def spy(self, w_t2i, w_i2t):
+    seen['shape'] = tuple(w_t2i.shape); seen['zero'] = (w_t2i == 0).nonzero().tolist()
+    return orig(self, w_t2i, w_i2t)
+model.sample_hard_negatives = spy.__get__(model)
+model.forward_train(images, ids, mask, 0.4, idx)
+print(f'RANK{{rank}} weights_shape={{seen["shape"]}} zeros={{seen["zero"]}}', flush=True)
+utils.destroy_distributed()
+'''
+
+
+def test_negative_all_rank_under_torchrun(tmp_path):
+    script = tmp_path / 'all_rank.py'
+    script.write_text(ALL_RANK_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, 'tests')))
+    result = run_torchrun([str(script)], nproc=2, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split()[0] + line.split()[1].split('=')[0]: line for line in result.stdout.splitlines()
+             if line.startswith('RANK')}
+    # Rank 0's own loss is zeroed: its image embeddings get gradient only through rank 1's negatives.
+    assert 'grad_abs=0 ' not in lines['RANK0grad_abs'], result.stdout
+    assert 'grad_abs=0 ' not in lines['RANK1grad_abs']
+    for rank in (0, 1):
+        line = lines[f'RANK{rank}grad_abs']
+        assert 'ptr=4' in line and 'idx_queue=[0, 1, 2, 3]' in line, line  # both ranks' features enqueued
+        line = lines[f'RANK{rank}weights_shape']
+        assert 'weights_shape=(2, 4)' in line, line  # candidates from both ranks
+        assert f'zeros=[[0, {2 * rank}], [1, {2 * rank + 1}]]' in line, line  # only same-id entries zeroed

@@ -1,0 +1,531 @@
+"""Shared runtime helpers: distributed setup and collectives, logging, LR schedule,
+progress reporting, atomic checkpoint writes, seeding and TensorBoard.
+
+This is the only module in the project that imports ``torch.distributed``; every
+helper works without a process group (rank 0, world size 1, collectives are no-ops).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+_logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- #
+# Distributed setup
+# --------------------------------------------------------------------------- #
+@dataclass
+class DistInfo:
+    """Where this process sits in the job and which device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _slurm_master_addr() -> str:
+    """First host of the SLURM allocation, used as the rendezvous address."""
+    launch_ip = os.environ.get("SLURM_LAUNCH_NODE_IPADDR")
+    if launch_ip:
+        return launch_ip
+    nodelist = os.environ.get("SLURM_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if nodelist:
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist],
+                check=True, capture_output=True, text=True, timeout=60,
+            ).stdout.split()
+        except (OSError, subprocess.SubprocessError) as err:
+            raise RuntimeError(
+                f"could not resolve MASTER_ADDR from SLURM_NODELIST={nodelist!r} "
+                f"with `scontrol show hostnames` ({err}); export MASTER_ADDR yourself"
+            ) from err
+        if out:
+            return out[0]
+    raise RuntimeError(
+        "running under SLURM but MASTER_ADDR is not set and neither "
+        "SLURM_LAUNCH_NODE_IPADDR nor SLURM_NODELIST is available; export MASTER_ADDR"
+    )
+
+
+def _read_launch_env() -> tuple[int, int, int, str]:
+    """Return (rank, world_size, local_rank, launcher) from torchrun or SLURM env vars.
+
+    launcher is 'torchrun', 'slurm' or 'none'. For SLURM with more than one task,
+    MASTER_ADDR is filled in (when unset) and MASTER_PORT must be set.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+        return _env_int("RANK"), _env_int("WORLD_SIZE"), local_rank, "torchrun"
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, world_size = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+        local_rank = _env_int("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
+        if world_size > 1:
+            if not os.environ.get("MASTER_ADDR"):
+                os.environ["MASTER_ADDR"] = _slurm_master_addr()
+            if not os.environ.get("MASTER_PORT"):
+                raise RuntimeError(
+                    "running under SLURM with several tasks but MASTER_PORT is not set; "
+                    "export MASTER_PORT=<free port, e.g. 29500> in the job script"
+                )
+        return rank, world_size, local_rank, "slurm"
+    return 0, 1, 0, "none"
+
+
+def init_distributed(device: str = "cuda", dist_url: str = "env://",
+                     timeout_minutes: int = 60) -> DistInfo:
+    """Set up the process group from torchrun/SLURM env vars (if any) and pick the device.
+
+    A single process (no launcher, or a world size of 1) gets no process group and
+    ``distributed=False``. The backend is nccl for CUDA and gloo otherwise. The timeout
+    is long because rank 0 may spend a long time in evaluation while others wait.
+    """
+    rank, world_size, local_rank, launcher = _read_launch_env()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available; "
+                               "run with --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: only "
+                               f"{torch.cuda.device_count()} visible on this node")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+
+    distributed = world_size > 1
+    if distributed and not is_dist_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        _logger.info("init process group: %s rank %d/%d (local %d) backend %s via %s",
+                     launcher, rank, world_size, local_rank, backend, dist_url)
+        kwargs: dict[str, Any] = {}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev  # binds NCCL to this GPU, avoids device guessing
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
+                                rank=rank, timeout=timedelta(minutes=timeout_minutes), **kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank,
+                    device=dev, distributed=distributed)
+
+
+def destroy_distributed() -> None:
+    """Tear down the process group if one exists."""
+    if is_dist_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def _uses_nccl() -> bool:
+    return is_dist_initialized() and dist.get_backend() == "nccl"
+
+
+def _collective_device() -> torch.device:
+    """Device on which small bookkeeping tensors must live for the active backend."""
+    if _uses_nccl():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for all ranks; no-op without a process group."""
+    if not is_dist_initialized():
+        return
+    if _uses_nccl():
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- #
+# Collectives
+# --------------------------------------------------------------------------- #
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0 (rank order), without gradients.
+
+    First dims may differ across ranks: sizes are gathered first, every rank pads
+    to the largest size, and padding is trimmed after the gather.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return t
+    t = t.detach().contiguous()
+    local_size = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(local_size) for _ in range(world_size)]
+    dist.all_gather(sizes, local_size)
+    sizes_list = [int(s.item()) for s in sizes]
+    max_size = max(sizes_list)
+    if t.shape[0] < max_size:
+        pad = t.new_zeros((max_size - t.shape[0], *t.shape[1:]))
+        t = torch.cat([t, pad], dim=0)
+    gathered = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(gathered, t)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)], dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the summed gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        world_size = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.local_size = t.shape[0]
+        t = t.contiguous()
+        gathered = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(gathered, t)
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss may depend on every slice, so sum the grads from all ranks.
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.local_size
+        return grad[start:start + ctx.local_size]
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally sized tensors from every rank along dim 0, keeping autograd.
+
+    Gradients of the result flow back to each rank's own slice (summed over ranks).
+    All ranks must pass the same shape.
+    """
+    if get_world_size() == 1:
+        return t
+    return _AllGatherWithGrad.apply(t)
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` across ranks in place and return it; no-op without a process group."""
+    if is_dist_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s picklable ``obj`` on every rank."""
+    if not is_dist_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Return a list with every rank's picklable ``obj`` in rank order."""
+    if not is_dist_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Logging
+# --------------------------------------------------------------------------- #
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+_HANDLER_TAG = "_blip_setup_logging"
+
+
+def setup_logging(output_dir: str | None = None, rank: int = 0) -> None:
+    """Configure the root logger: INFO to stdout (and output_dir/train.log) on rank 0,
+    WARNING only on other ranks. Calling it again replaces the handlers it added."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_TAG, False):
+            root.removeHandler(handler)
+            handler.close()
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root.setLevel(level)
+    formatter = logging.Formatter(_LOG_FORMAT, datefmt=_LOG_DATEFMT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if output_dir is not None and rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log"), mode="a"))
+    for handler in handlers:
+        handler.setLevel(level)
+        handler.setFormatter(formatter)
+        setattr(handler, _HANDLER_TAG, True)
+        root.addHandler(handler)
+
+
+# --------------------------------------------------------------------------- #
+# Schedules
+# --------------------------------------------------------------------------- #
+def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:
+    """Cosine decay from init_lr (epoch 0) to min_lr (epoch max_epoch), set once per epoch."""
+    if max_epoch <= 0:
+        return init_lr
+    return (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch)) + min_lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def ramp_alpha(alpha: float, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Distillation weight: linear warm-up over the first epoch, then constant."""
+    if epoch > 0 or steps_per_epoch <= 0:
+        return alpha
+    return alpha * min(1.0, step / steps_per_epoch)
+
+
+# --------------------------------------------------------------------------- #
+# Progress reporting
+# --------------------------------------------------------------------------- #
+class SmoothedValue:
+    """Tracks a scalar: recent window (median/avg/latest) and the running global average."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def value(self) -> float:
+        return self.window[-1] if self.window else 0.0
+
+    @property
+    def median(self) -> float:
+        if not self.window:
+            return 0.0
+        ordered = sorted(self.window)
+        return ordered[(len(ordered) - 1) // 2]
+
+    @property
+    def avg(self) -> float:
+        return sum(self.window) / len(self.window) if self.window else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def synchronize(self) -> None:
+        """Make total/count global across ranks (the window stays local)."""
+        if not is_dist_initialized():
+            return
+        stats = torch.tensor([self.total, float(self.count)], dtype=torch.float64,
+                             device=_collective_device())
+        all_reduce_sum_(stats)
+        self.total, self.count = float(stats[0]), int(stats[1])
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().item())
+    return float(value)
+
+
+class ProgressLogger:
+    """Periodic progress lines on rank 0, e.g.
+    ``Train Epoch [0] [  50/906] eta 0:12:31 loss_ita 3.1234 (3.3000) lr 0.000010 time 0.812 s/it``.
+
+    Scalars whose name starts with ``lr`` are shown as their latest value; others as
+    window median (global average). Use ``for batch in progress.iter(loader)`` to time
+    steps and log automatically every ``log_every`` steps and at the last step.
+    """
+
+    def __init__(self, total_steps: int, header: str, log_every: int = 50) -> None:
+        self.total_steps = total_steps
+        self.header = header
+        self.log_every = max(1, log_every)
+        self.meters: dict[str, SmoothedValue] = {}
+        self.step_time = SmoothedValue()
+        self._start = time.time()
+        self._last_logged: int | None = None
+
+    def update(self, **scalars: Any) -> None:
+        """Record scalars (floats, ints or one-element tensors) for the current step."""
+        for name, value in scalars.items():
+            self.meters.setdefault(name, SmoothedValue()).update(_to_float(value))
+
+    def averages(self) -> dict[str, float]:
+        """Global average of every recorded scalar."""
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def synchronize(self) -> None:
+        """Turn the global averages into averages over all ranks (collective call)."""
+        for meter in self.meters.values():
+            meter.synchronize()
+
+    def _seconds_per_step(self, step: int) -> float:
+        if self.step_time.count:
+            return self.step_time.avg
+        return (time.time() - self._start) / max(1, step + 1)
+
+    def format_line(self, step: int) -> str:
+        width = len(str(self.total_steps))
+        per_step = self._seconds_per_step(step)
+        eta = timedelta(seconds=int(per_step * max(0, self.total_steps - step - 1)))
+        parts = [f"{self.header} [{step:>{width}}/{self.total_steps}] eta {eta}"]
+        for name, meter in self.meters.items():
+            if name.startswith("lr"):
+                parts.append(f"{name} {meter.value:.6f}")
+            else:
+                parts.append(f"{name} {meter.median:.4f} ({meter.global_avg:.4f})")
+        parts.append(f"time {per_step:.3f} s/it")
+        return " ".join(parts)
+
+    def log(self, step: int) -> None:
+        """Emit the progress line for ``step`` on rank 0 (once per step)."""
+        if step == self._last_logged:
+            return
+        self._last_logged = step
+        if is_main_process():
+            _logger.info(self.format_line(step))
+
+    def iter(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        """Yield from ``iterable``, timing each step (data + compute) and logging periodically."""
+        self._start = time.time()
+        tick = self._start
+        step = -1
+        for step, item in enumerate(iterable):
+            yield item
+            now = time.time()
+            self.step_time.update(now - tick)
+            tick = now
+            if step % self.log_every == 0 or step == self.total_steps - 1:
+                self.log(step)
+        total = time.time() - self._start
+        if is_main_process():
+            _logger.info("%s total time %s (%.3f s/it)", self.header,
+                         timedelta(seconds=int(total)), total / max(1, step + 1))
+
+
+# --------------------------------------------------------------------------- #
+# Files, seeding, TensorBoard
+# --------------------------------------------------------------------------- #
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``.
+
+    Writes to a temp file in the same directory, fsyncs it and renames it over
+    ``path``; on any failure the temp file is removed and ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = os.path.join(
+        directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        # O_EXCL: never clobber someone else's temp file; mode 0o666 honours the umask.
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist the rename itself (best effort; not possible on every platform)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's random, numpy (if installed) and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TensorboardWriter:
+    """Scalar logging to TensorBoard on rank 0; a no-op elsewhere, without a log_dir,
+    or when tensorboard is not installed."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self._writer = None
+        if log_dir is None or not is_main_process():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            _logger.warning("tensorboard is not installed; scalars will not be written")
+            return
+        self._writer = SummaryWriter(log_dir=log_dir)
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    def add_scalars(self, scalars: dict[str, Any], step: int) -> None:
+        """Write each ``name: value`` pair as its own scalar series at ``step``."""
+        if self._writer is None:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, _to_float(value), step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
