@@ -1,0 +1,157 @@
+"""Data loaders for retrieval training (shuffled, sharded, resumable) and evaluation (contiguous shards)."""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence, Sized
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+_logger = logging.getLogger(__name__)
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Shuffled per-rank indices with ``DistributedSampler(shuffle=True, drop_last=True)`` semantics.
+
+    Each epoch draws ``torch.randperm`` from a generator seeded with ``seed + epoch``, truncates it to
+    a multiple of ``world_size`` and gives rank r the indices ``[r::world_size]``. In addition,
+    :meth:`set_start_batch` skips the first batches of the epoch so training resumes mid-epoch on
+    exactly the samples it would have seen.
+    """
+
+    def __init__(self, dataset: Sized, world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+        self.dataset_size = len(dataset)
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.num_samples = self.dataset_size // world_size  # per rank, before skipping
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``; moving to another epoch clears any start batch."""
+        if epoch != self.epoch:
+            self._skip = 0
+        self.epoch = epoch
+
+    def set_start_batch(self, start_batch: int, batch_size: int) -> None:
+        """Skip the first ``start_batch`` batches of ``batch_size`` in the current epoch (call after set_epoch)."""
+        full_batches = self.num_samples // batch_size
+        if not 0 <= start_batch <= full_batches:
+            raise ValueError(
+                f"start batch {start_batch} is outside this epoch's {full_batches} batches of {batch_size}"
+            )
+        self._skip = start_batch * batch_size
+
+    def _rank_indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        total = self.num_samples * self.world_size
+        return order[:total][self.rank:total:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rank_indices()[self._skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip
+
+
+class ShardSampler(Sampler[int]):
+    """The contiguous index range ``[start, end)`` in order."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous share ``[start, end)`` of ``n`` items for ``rank``; shares differ by at most one item."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def collate_train_batch(
+    batch: Sequence[tuple[torch.Tensor, str, int]],
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Stack ``(image, caption, image_index)`` samples into (Tensor[B,3,H,W], list[str], Tensor[B])."""
+    images, captions, indices = zip(*batch)
+    # default_collate builds the tensors in shared memory inside workers, saving a copy
+    return default_collate(images), list(captions), default_collate(indices)
+
+
+def _pin_memory() -> bool:
+    return torch.cuda.is_available()
+
+
+def create_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int = 0,
+    start_batch: int = 0,
+) -> DataLoader:
+    """Training loader over this rank's shuffled share, starting at ``start_batch`` of ``epoch``.
+
+    Workers are not persistent, so the epoch set on the dataset (see :func:`set_loader_epoch`)
+    reaches them each time the loader is iterated.
+    """
+    size = len(dataset)
+    if batch_size * world_size > size:
+        name = getattr(dataset, "name", type(dataset).__name__)
+        raise ValueError(
+            f"batch size {batch_size} x {world_size} processes is larger than the {size} training samples "
+            f"in {name}; lower batch_size_train or use more data"
+        )
+    sampler = ResumableDistributedSampler(dataset, world_size=world_size, rank=rank, seed=seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_train_batch,
+        pin_memory=_pin_memory(),
+        drop_last=True,
+        persistent_workers=False,
+    )
+    set_loader_epoch(loader, epoch, start_batch)
+    return loader
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Point a training loader's sampler and dataset at ``epoch``, skipping ``start_batch`` batches."""
+    loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    loader.sampler.set_start_batch(start_batch, loader.batch_size)
+
+
+def create_eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Loader over this rank's contiguous share of ``dataset`` (see :func:`shard_range`), in order.
+
+    ``loader.dataset`` stays the whole dataset (its captions and index maps are needed by every rank).
+    """
+    start, end = shard_range(len(dataset), rank, world_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(start, end),
+        num_workers=num_workers,
+        pin_memory=_pin_memory(),
+        drop_last=False,
+    )
