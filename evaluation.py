@@ -1,0 +1,235 @@
+"""BLIP's retrieval evaluation protocol and recall metrics.
+
+A module of its own (not in train_retrieval.py) because training, `--evaluate` and the benchmarks all use it.
+Written by hand: the protocol (contrastive top-k, then matching re-rank) is BLIP's, no library has it.
+
+Protocol: contrastive features for every image and text; for each image the `k_test` texts with the highest
+similarity (and for each text the `k_test` best images) are re-scored as matching logit (class 1) + similarity;
+every other entry is -100.
+
+Two paths compute the same matrices:
+- `reference`: the original's loop, one query at a time, projecting the image tokens for every pair.
+- `fast`: every distinct (image, text) pair of both directions is scored once, in batches of pairs grouped by
+  image, with each image's cross-attention keys/values computed once per batch; pairs are split evenly
+  across ranks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+import utils
+from models.tokenizer import tokenize, with_enc_token
+
+_logger = logging.getLogger(__name__)
+
+SCORE_FILL = -100.0
+TEXT_BATCH = 256
+
+
+class IndexedKV(Sequence):
+    """Per-layer image keys/values gathered for a batch of pairs, one layer at a time (bounded memory)."""
+
+    def __init__(self, image_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor):
+        self.image_kv, self.index = image_kv, index
+
+    def __len__(self) -> int:
+        return len(self.image_kv)
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.image_kv[layer]
+        return k.index_select(0, self.index), v.index_select(0, self.index)
+
+
+# ---------------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def text_features(model, texts: list[str], device: torch.device, autocast: Callable = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text_feat (T, E), matching ids with [ENC] (T, 35), attention mask (T, 35)) for all texts.
+
+    Each rank encodes an equal shard; the results are gathered on every rank.
+    """
+    start, end = shard_range(len(texts), utils.get_rank(), utils.get_world_size())
+    feats, ids, masks = [], [], []
+    for i in range(start, end, TEXT_BATCH):
+        input_ids, mask = tokenize(model.tokenizer, texts[i:min(end, i + TEXT_BATCH)], device)
+        with _autocast(autocast):
+            feats.append(model.encode_text(input_ids, mask).float())
+        ids.append(with_enc_token(input_ids, model.enc_token_id))
+        masks.append(mask)
+    embed_dim = model.text_proj.out_features
+    cat = lambda xs, shape, dtype: torch.cat(xs) if xs else torch.zeros(shape, dtype=dtype, device=device)
+    return (utils.all_gather_cat(cat(feats, (0, embed_dim), torch.float32)),
+            utils.all_gather_cat(cat(ids, (0, 35), torch.long)),
+            utils.all_gather_cat(cat(masks, (0, 35), torch.long)))
+
+
+@torch.no_grad()
+def image_features(model, loader: Iterable, device: torch.device, autocast: Callable = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image tokens (N, 1+P, D), image_feat (N, E)) for all images; `loader` yields this rank's shard."""
+    embeds, feats = [], []
+    for image, _ in loader:
+        with _autocast(autocast):
+            image_embeds, image_feat = model.encode_image(image.to(device, non_blocking=True))
+        embeds.append(image_embeds)
+        feats.append(image_feat.float())
+    if not embeds:  # an empty shard still joins the gathers
+        tokens = model.visual_encoder.pos_embed.shape[1]
+        width = model.visual_encoder.embed_dim
+        embeds = [torch.zeros((0, tokens, width), device=device)]  # the final LayerNorm gives fp32
+        feats = [torch.zeros((0, model.vision_proj.out_features), device=device)]
+    return utils.all_gather_cat(torch.cat(embeds)), utils.all_gather_cat(torch.cat(feats))
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, end) share of n items for `rank` (sizes differ by at most one)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _autocast(autocast: Optional[Callable]):
+    return autocast() if autocast is not None else torch.autocast('cpu', enabled=False)
+
+
+@torch.no_grad()
+def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask, k_test: int,
+                     autocast: Callable = None, log_every: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward path: one query at a time, as the original (rows split across ranks)."""
+    sims = image_feat @ text_feat.t()
+    n_images, n_texts = sims.shape
+    rank, world = utils.get_rank(), utils.get_world_size()
+    i2t = sims.new_full((n_images, n_texts), SCORE_FILL)
+    t2i = sims.new_full((n_texts, n_images), SCORE_FILL)
+    k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)  # the original crashed when k_test > candidates
+
+    start, end = shard_range(n_images, rank, world)
+    progress = utils.ProgressLogger(end - start, 'Evaluation i2t (reference)', log_every)
+    for i in progress.iter(range(start, end)):
+        top_sim, top_idx = sims[i].topk(k_i2t)
+        with _autocast(autocast):
+            logits = model.match_logits(text_ids[top_idx], text_mask[top_idx],
+                                        image_embeds=image_embeds[i:i + 1].expand(k_i2t, -1, -1))
+        i2t[i, top_idx] = logits[:, 1].float() + top_sim
+
+    start, end = shard_range(n_texts, rank, world)
+    progress = utils.ProgressLogger(end - start, 'Evaluation t2i (reference)', log_every)
+    for j in progress.iter(range(start, end)):
+        top_sim, top_idx = sims[:, j].topk(k_t2i)
+        with _autocast(autocast):
+            logits = model.match_logits(text_ids[j:j + 1].expand(k_t2i, -1), text_mask[j:j + 1].expand(k_t2i, -1),
+                                        image_embeds=image_embeds[top_idx])
+        t2i[j, top_idx] = logits[:, 1].float() + top_sim
+    return _merge_rows(i2t), _merge_rows(t2i)
+
+
+def _merge_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Combine the rows each rank filled (the others hold exactly SCORE_FILL) into the full matrix."""
+    if utils.get_world_size() == 1:
+        return scores
+    filled = (scores != SCORE_FILL).to(scores.dtype)
+    total = utils.all_reduce_sum_((scores - SCORE_FILL) * filled)
+    return total + SCORE_FILL
+
+
+@torch.no_grad()
+def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask, k_test: int,
+                pair_batch: int = 256, autocast: Callable = None, log_every: int = 50
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every distinct top-k pair of both directions scored once, image keys/values shared within a batch."""
+    sims = image_feat @ text_feat.t()
+    n_images, n_texts = sims.shape
+    k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)
+    top_i2t = sims.topk(k_i2t, dim=1).indices            # (N, k): texts of each image
+    top_t2i = sims.t().topk(k_t2i, dim=1).indices        # (T, k): images of each text
+
+    # Distinct pairs as flat keys image * T + text; sorted, so pairs of one image are adjacent.
+    keys_i2t = (torch.arange(n_images, device=sims.device)[:, None] * n_texts + top_i2t).flatten()
+    keys_t2i = (top_t2i * n_texts + torch.arange(n_texts, device=sims.device)[:, None]).flatten()
+    pair_keys = torch.unique(torch.cat([keys_i2t, keys_t2i]))
+    start, end = shard_range(pair_keys.numel(), utils.get_rank(), utils.get_world_size())
+    my_keys = pair_keys[start:end]
+
+    my_scores = torch.empty(my_keys.numel(), device=sims.device)
+    n_batches = (my_keys.numel() + pair_batch - 1) // pair_batch
+    progress = utils.ProgressLogger(n_batches, 'Evaluation pairs (fast)', log_every)
+    began = time.time()
+    for b in progress.iter(range(n_batches)):
+        keys = my_keys[b * pair_batch:(b + 1) * pair_batch]
+        images, texts = keys // n_texts, keys % n_texts
+        batch_images, pair_to_image = torch.unique_consecutive(images, return_inverse=True)
+        with _autocast(autocast):
+            kv = model.image_kv(image_embeds[batch_images])
+            logits = model.match_logits(text_ids[texts], text_mask[texts], image_kv=IndexedKV(kv, pair_to_image))
+        my_scores[b * pair_batch:b * pair_batch + keys.numel()] = logits[:, 1].float() + sims[images, texts]
+    _logger.info('Scored %d distinct pairs (of %d top-k entries) in %.1f s on this rank', my_keys.numel(),
+                 keys_i2t.numel() + keys_t2i.numel(), time.time() - began)
+
+    pair_scores = utils.all_gather_cat(my_scores)  # rank order = key order
+    dense = sims.new_full((n_images * n_texts,), SCORE_FILL)
+    dense[pair_keys] = pair_scores
+    dense = dense.view(n_images, n_texts)
+    i2t = sims.new_full((n_images, n_texts), SCORE_FILL).scatter_(1, top_i2t, dense.gather(1, top_i2t))
+    t2i = sims.new_full((n_texts, n_images), SCORE_FILL).scatter_(1, top_t2i, dense.t().gather(1, top_t2i))
+    return i2t, t2i
+
+
+@torch.no_grad()
+def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch.device,
+                    autocast: Callable = None) -> tuple[np.ndarray, np.ndarray]:
+    """Score matrices (images x texts, texts x images) of one split, identical on every rank."""
+    model.eval()
+    began = time.time()
+    text_feat, text_ids, text_mask = text_features(model, texts, device, autocast)
+    image_embeds, image_feat = image_features(model, loader, device, autocast)
+    _logger.info('Encoded %d images and %d texts in %.1f s', image_feat.shape[0], text_feat.shape[0],
+                 time.time() - began)
+    args = (model, image_embeds, image_feat, text_feat, text_ids, text_mask, config['k_test'])
+    log_every = config.get('log_every', 50)
+    if config.get('eval_mode', 'fast') == 'reference':
+        i2t, t2i = reference_scores(*args, autocast=autocast, log_every=log_every)
+    else:
+        i2t, t2i = fast_scores(*args, pair_batch=config.get('eval_pair_batch', 256), autocast=autocast,
+                               log_every=log_every)
+    _logger.info('Evaluation time %.1f s', time.time() - began)
+    return i2t.cpu().numpy(), t2i.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _ranks_of(scores: np.ndarray) -> np.ndarray:
+    """rank[q, c] = position of candidate c in query q's ranking (0 = best).
+
+    Ties are ordered as the original did, by `np.argsort(score)[::-1]`.
+    """
+    order = np.argsort(scores, axis=1)[:, ::-1]
+    ranks = np.empty(order.shape, dtype=np.int64)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None, :].repeat(scores.shape[0], 0), axis=1)
+    return ranks
+
+
+def retrieval_ranks(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: dict, img2txt: dict
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query rank of the ground truth: an image's rank is the best rank of any of its captions."""
+    ranks_i2t = _ranks_of(scores_i2t)
+    best_i2t = np.array([ranks_i2t[i, img2txt[i]].min() for i in range(scores_i2t.shape[0])])
+    ranks_t2i = _ranks_of(scores_t2i)
+    targets = np.array([txt2img[t] for t in range(scores_t2i.shape[0])])
+    return best_i2t, ranks_t2i[np.arange(len(targets)), targets]
+
+
+def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: dict, img2txt: dict) -> dict:
+    """txt_r1/5/10, txt_r_mean, img_r1/5/10, img_r_mean, r_mean in percent (BLIP's `itm_eval` keys)."""
+    ranks_i2t, ranks_t2i = retrieval_ranks(scores_i2t, scores_t2i, txt2img, img2txt)
+    recall = lambda ranks, k: 100.0 * float(np.mean(ranks < k))
+    tr = [recall(ranks_i2t, k) for k in (1, 5, 10)]
+    ir = [recall(ranks_t2i, k) for k in (1, 5, 10)]
+    txt_r_mean, img_r_mean = sum(tr) / 3, sum(ir) / 3
+    return {'txt_r1': tr[0], 'txt_r5': tr[1], 'txt_r10': tr[2], 'txt_r_mean': txt_r_mean,
+            'img_r1': ir[0], 'img_r5': ir[1], 'img_r10': ir[2], 'img_r_mean': img_r_mean,
+            'r_mean': (txt_r_mean + img_r_mean) / 2}
