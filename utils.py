@@ -529,3 +529,22 @@ class TensorboardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+# --------------------------------------------------------------------------- #
+# Numerical precision
+# --------------------------------------------------------------------------- #
+def configure_precision(precision: str, device: torch.device):
+    """Set matmul precision for ``precision`` (fp32 | tf32 | bf16); return an autocast factory or None.
+
+    tf32 is what the original ran with on A100s (PyTorch's default then); bf16 autocasts on top of it.
+    """
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"precision must be fp32, tf32 or bf16; got {precision!r}")
+    allow_tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    if precision != "bf16":
+        return None
+    device_type = device.type
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16)

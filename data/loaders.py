@@ -126,6 +126,8 @@ def create_train_loader(
         pin_memory=_pin_memory(),
         drop_last=True,
         persistent_workers=False,
+        # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
     )
     set_loader_epoch(loader, epoch, start_batch)
     return loader
