@@ -16,6 +16,7 @@ Two paths compute the same matrices:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import utils
+from data.loaders import shard_range
 from models.tokenizer import tokenize, with_enc_token
 
 _logger = logging.getLogger(__name__)
@@ -86,13 +88,6 @@ def image_features(model, loader: Iterable, device: torch.device, autocast: Call
     return utils.all_gather_cat(torch.cat(embeds)), utils.all_gather_cat(torch.cat(feats))
 
 
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous [start, end) share of n items for `rank` (sizes differ by at most one)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
 # ---------------------------------------------------------------------------------------------- scoring
 def _autocast(autocast: Optional[Callable]):
     return autocast() if autocast is not None else torch.autocast('cpu', enabled=False)
@@ -100,8 +95,12 @@ def _autocast(autocast: Optional[Callable]):
 
 @torch.no_grad()
 def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask, k_test: int,
-                     autocast: Callable = None, log_every: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """The straightforward path: one query at a time, as the original (rows split across ranks)."""
+                     autocast: Callable = None, log_every: int = 50, query_fraction: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward path: one query at a time, as the original (rows split across ranks).
+
+    `query_fraction` < 1 scores only the first rows of each direction (benchmarks extrapolate from them).
+    """
     sims = image_feat @ text_feat.t()
     n_images, n_texts = sims.shape
     rank, world = utils.get_rank(), utils.get_world_size()
@@ -109,7 +108,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
     t2i = sims.new_full((n_texts, n_images), SCORE_FILL)
     k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)  # the original crashed when k_test > candidates
 
-    start, end = shard_range(n_images, rank, world)
+    start, end = shard_range(math.ceil(n_images * query_fraction), rank, world)
     progress = utils.ProgressLogger(end - start, 'Evaluation i2t (reference)', log_every)
     for i in progress.iter(range(start, end)):
         top_sim, top_idx = sims[i].topk(k_i2t)
@@ -118,7 +117,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
                                         image_embeds=image_embeds[i:i + 1].expand(k_i2t, -1, -1))
         i2t[i, top_idx] = logits[:, 1].float() + top_sim
 
-    start, end = shard_range(n_texts, rank, world)
+    start, end = shard_range(math.ceil(n_texts * query_fraction), rank, world)
     progress = utils.ProgressLogger(end - start, 'Evaluation t2i (reference)', log_every)
     for j in progress.iter(range(start, end)):
         top_sim, top_idx = sims[:, j].topk(k_t2i)
@@ -138,36 +137,67 @@ def _merge_rows(scores: torch.Tensor) -> torch.Tensor:
     return total + SCORE_FILL
 
 
+def _image_blocks(pair_images: torch.Tensor, max_pairs: int) -> list[tuple[int, int]]:
+    """Split image-sorted pairs into [start, end) blocks of whole images, about `max_pairs` pairs each."""
+    counts = torch.unique_consecutive(pair_images, return_counts=True)[1].tolist()
+    blocks, start, size = [], 0, 0
+    for count in counts:
+        if size and size + count > max_pairs:
+            blocks.append((start, start + size))
+            start, size = start + size, 0
+        size += count
+    if size:
+        blocks.append((start, start + size))
+    return blocks
+
+
 @torch.no_grad()
 def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask, k_test: int,
                 pair_batch: int = 256, autocast: Callable = None, log_every: int = 50
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every distinct top-k pair of both directions scored once, image keys/values shared within a batch."""
+    """Every distinct top-k pair of both directions scored once.
+
+    Pairs are sorted by image and cut into blocks of whole images; each block's cross-attention keys/values
+    are computed once, then its pairs run in batches of `pair_batch`, sorted by caption length so that
+    each batch drops the padding columns all its captions share (exact: padding is masked out).
+    """
     sims = image_feat @ text_feat.t()
     n_images, n_texts = sims.shape
     k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)
     top_i2t = sims.topk(k_i2t, dim=1).indices            # (N, k): texts of each image
     top_t2i = sims.t().topk(k_t2i, dim=1).indices        # (T, k): images of each text
 
-    # Distinct pairs as flat keys image * T + text; sorted, so pairs of one image are adjacent.
+    # Distinct pairs as flat keys image * T + text, sorted: the pairs of one image are adjacent.
     keys_i2t = (torch.arange(n_images, device=sims.device)[:, None] * n_texts + top_i2t).flatten()
     keys_t2i = (top_t2i * n_texts + torch.arange(n_texts, device=sims.device)[:, None]).flatten()
     pair_keys = torch.unique(torch.cat([keys_i2t, keys_t2i]))
-    start, end = shard_range(pair_keys.numel(), utils.get_rank(), utils.get_world_size())
+    start, end = shard_range(pair_keys.numel(), utils.get_rank(), utils.get_world_size())  # equal shares
     my_keys = pair_keys[start:end]
+    # Block and batch bookkeeping on the host, so the loop never waits on the device.
+    images_host, texts_host = (my_keys // n_texts).cpu(), (my_keys % n_texts).cpu()
+    lengths_host = text_mask.sum(dim=1).cpu()
 
     my_scores = torch.empty(my_keys.numel(), device=sims.device)
-    n_batches = (my_keys.numel() + pair_batch - 1) // pair_batch
-    progress = utils.ProgressLogger(n_batches, 'Evaluation pairs (fast)', log_every)
+    blocks = _image_blocks(images_host, max_pairs=4 * pair_batch)
+    progress = utils.ProgressLogger(len(blocks), 'Evaluation pairs (fast)', log_every)
     began = time.time()
-    for b in progress.iter(range(n_batches)):
-        keys = my_keys[b * pair_batch:(b + 1) * pair_batch]
-        images, texts = keys // n_texts, keys % n_texts
-        batch_images, pair_to_image = torch.unique_consecutive(images, return_inverse=True)
+    for block_start, block_end in progress.iter(blocks):
+        images, texts = images_host[block_start:block_end], texts_host[block_start:block_end]
+        block_images, pair_to_image = torch.unique_consecutive(images, return_inverse=True)
         with _autocast(autocast):
-            kv = model.image_kv(image_embeds[batch_images])
-            logits = model.match_logits(text_ids[texts], text_mask[texts], image_kv=IndexedKV(kv, pair_to_image))
-        my_scores[b * pair_batch:b * pair_batch + keys.numel()] = logits[:, 1].float() + sims[images, texts]
+            kv = model.image_kv(image_embeds[block_images.to(sims.device)])
+        order = torch.argsort(lengths_host[texts], stable=True)
+        for b in range(0, order.numel(), pair_batch):
+            pairs = order[b:b + pair_batch]
+            length = int(lengths_host[texts[pairs]].max())  # drop the padding all captions of the batch share
+            pair_texts = texts[pairs].to(sims.device, non_blocking=True)
+            pair_images = images[pairs].to(sims.device, non_blocking=True)
+            ids, mask = text_ids[pair_texts, :length], text_mask[pair_texts, :length]
+            kv_index = pair_to_image[pairs].to(sims.device, non_blocking=True)
+            with _autocast(autocast):
+                logits = model.match_logits(ids, mask, image_kv=IndexedKV(kv, kv_index))
+            slots = (block_start + pairs).to(sims.device, non_blocking=True)
+            my_scores[slots] = logits[:, 1].float() + sims[pair_images, pair_texts]
     _logger.info('Scored %d distinct pairs (of %d top-k entries) in %.1f s on this rank', my_keys.numel(),
                  keys_i2t.numel() + keys_t2i.numel(), time.time() - began)
 

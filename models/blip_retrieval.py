@@ -19,7 +19,7 @@ from models.checkpoint import load_pretrained
 from models.losses import (distilled_targets, hard_negative_weights, itc_loss, itm_loss,
                            same_id_targets)
 from models.med import TextEncoder, load_med_config
-from models.tokenizer import init_tokenizer, tokenize, with_enc_token
+from models.tokenizer import init_tokenizer, tokenize, trim_padding, with_enc_token
 from models.vit import VitSpec, create_vit
 
 _logger = logging.getLogger(__name__)
@@ -88,8 +88,9 @@ class BLIP_Retrieval(nn.Module):
         self.queue_size = queue_size
         self.momentum = momentum
         self.negative_all_rank = negative_all_rank
-        # Fast path: the image keys/values of a step are computed once for the three matching passes.
-        self.itm_shared_kv = True
+        # Fast path: padding columns dropped, and the image keys/values of a step computed once for the
+        # three matching passes. False = the straightforward path, kept as the reference in tests.
+        self.fast_path = True
 
     # ------------------------------------------------------------------ public encoders
     @property
@@ -135,6 +136,8 @@ class BLIP_Retrieval(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         idx = idx.view(-1)
+        if self.fast_path and not self.negative_all_rank:  # all ranks' ids are gathered: keep one length
+            input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         image_embeds, image_feat = self.encode_image(image)
         text_feat = self.encode_text(input_ids, attention_mask)
 
@@ -187,7 +190,7 @@ class BLIP_Retrieval(nn.Module):
         # Rows: (text b, image b), (text b, its negative image), (negative text of image b, image b).
         ids = torch.cat([itm_ids, itm_ids, neg_ids])
         mask = torch.cat([attention_mask, attention_mask, neg_mask])
-        if self.itm_shared_kv:
+        if self.fast_path:
             kv_local = self.image_kv(image_embeds)
             if all_rank:
                 kv_neg = self.image_kv(image_embeds_cands[neg_image_idx])

@@ -45,3 +45,13 @@ def with_enc_token(input_ids: torch.Tensor, enc_token_id: int) -> torch.Tensor:
     ids = input_ids.clone()
     ids[:, 0] = enc_token_id
     return ids
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns that every row of the batch has.
+
+    Exact for BLIP's outputs: padding keys are masked out, so no real token (the [CLS]/[ENC] output
+    included) ever depends on a padding position; only the wasted work goes.
+    """
+    length = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
+    return input_ids[:, :max(length, 1)], attention_mask[:, :max(length, 1)]

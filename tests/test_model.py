@@ -72,9 +72,9 @@ def _train_forward(model, golden, inject_negatives: bool):
     return model.forward_train(images, ids, mask, batch['alpha'], t(batch['idx'], torch.long)), ref
 
 
-@pytest.mark.parametrize('shared_kv', [True, False], ids=['shared_kv', 'reference_passes'])
-def test_training_forward_matches_golden(tiny_model, golden, shared_kv):
-    tiny_model.itm_shared_kv = shared_kv
+@pytest.mark.parametrize('fast_path', [True, False], ids=['fast_path', 'reference_path'])
+def test_training_forward_matches_golden(tiny_model, golden, fast_path):
+    tiny_model.fast_path = fast_path
     out, ref = _train_forward(tiny_model, golden, inject_negatives=True)
     assert out.loss_ita.item() == pytest.approx(ref['loss_ita'], abs=ATOL)
     assert out.loss_itm.item() == pytest.approx(ref['loss_itm'], abs=ATOL)
@@ -248,3 +248,26 @@ def test_negative_all_rank_under_torchrun(tmp_path):
         line = lines[f'RANK{rank}weights_shape']
         assert 'weights_shape=(2, 4)' in line, line  # candidates from both ranks
         assert f'zeros=[[0, {2 * rank}], [1, {2 * rank + 1}]]' in line, line  # only same-id entries zeroed
+
+
+def test_fast_training_path_equals_reference_path_on_short_captions(golden_checkpoint, golden):
+    """Padding trimmed and image keys/values shared: same losses and gradients as the straightforward path."""
+    captions = ['a dog', 'two cats on a sofa', 'a red car parked outside', 'people']
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fast in (True, False):
+        model = blip_retrieval(golden_checkpoint, **TINY_KWARGS).eval()
+        model.fast_path = fast
+        model.sample_hard_negatives = lambda w_t2i, w_i2t: (torch.tensor([1, 2, 3, 0]), torch.tensor([2, 3, 0, 1]))
+        ids, mask = model.tokenize(captions)
+        out = model.forward_train(images, ids, mask, 0.4, torch.arange(4))
+        (out.loss_ita + out.loss_itm).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (fast_out, fast_grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(fast_out.loss_ita, ref_out.loss_ita, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast_out.loss_itm, ref_out.loss_itm, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast_out.itm_logits, ref_out.itm_logits, atol=1e-5, rtol=0)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,0 +1,102 @@
+"""Fine-tuning step speed: the straightforward path vs the fast path, same process, same weights and inputs.
+
+straightforward: fp32, full 35-token padding, three matching passes that each project the image tokens,
+                 for-each AdamW (what the original ran, minus its process-group requirement).
+fast:            padding trimmed, image keys/values shared by the three matching passes, fused AdamW on
+                 CUDA, the chosen --precision (bf16 autocast / tf32), optional --compile.
+
+    python benchmarks/bench_train.py --vit base --batch 4 --steps 3 --device cpu
+    python benchmarks/bench_train.py --vit base --batch 32 --precision bf16
+
+The last line is `speedup <ratio>x max_abs_diff <value>`: the ratio of samples/s, and the largest difference
+of (loss_ita, loss_itm) of one step in eval mode (dropout off) from the same weights, with --precision.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from common import (Timer, add_common_args, build_model, peak_memory, random_images, random_texts,
+                    reset_peak)
+
+import utils
+
+
+def run_steps(model, optimizer, batches, autocast, steps: int, warmup: int, device) -> float:
+    """Seconds per step over `steps` timed steps after `warmup` steps."""
+    model.train()
+    seconds = 0.0
+    for i in range(warmup + steps):
+        images, ids, mask, idx = batches[i % len(batches)]
+        with Timer(device) as timer:
+            with (autocast() if autocast else torch.autocast('cpu', enabled=False)):
+                loss_ita, loss_itm = model(images, (ids, mask), 0.4, idx)
+            optimizer.zero_grad(set_to_none=True)
+            (loss_ita + loss_itm).backward()
+            optimizer.step()
+        if i >= warmup:
+            seconds += timer.seconds
+    return seconds / steps
+
+
+def one_step_losses(model, batch, autocast) -> torch.Tensor:
+    model.eval()
+    images, ids, mask, idx = batch
+    torch.manual_seed(0)
+    with torch.no_grad(), (autocast() if autocast else torch.autocast('cpu', enabled=False)):
+        return torch.stack(model(images, (ids, mask), 0.4, idx)).float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--grad_ckpt_layers', type=int, default=0,
+                        help='ViT blocks to checkpoint (the flickr config uses 4 for base)')
+    parser.add_argument('--compile', action='store_true')
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+
+    model = build_model(args, queue_size=args.batch * 64, grad_ckpt=args.grad_ckpt_layers > 0,
+                        ckpt_layer=args.grad_ckpt_layers)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = []
+    for i in range(2):
+        ids, mask = random_texts(args.batch, device, args.seed + 10 + i)
+        batches.append((random_images(args.batch, args.image_size, device, args.seed + i), ids, mask,
+                        torch.randint(0, 10**6, (args.batch,), device=device)))
+    print(f'setup: {args.vit} {args.image_size}px batch {args.batch} on {device} '
+          f'({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), '
+          f'{args.steps} timed steps after {args.warmup} warm-up', flush=True)
+
+    results = {}
+    for name in ('straightforward', 'fast'):
+        model.load_state_dict(initial)
+        fast = name == 'fast'
+        model.fast_path = fast
+        autocast = utils.configure_precision(args.precision if fast else 'fp32', device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=fast and device.type == 'cuda')
+        losses = one_step_losses(model, batches[0], autocast)
+        model.load_state_dict(initial)
+        if fast and args.compile:
+            model.visual_encoder.compile()
+            model.text_encoder.compile()
+        reset_peak(device)
+        per_step = run_steps(model, optimizer, batches, autocast, args.steps, args.warmup, device)
+        results[name] = (per_step, losses)
+        precision = args.precision if fast else 'fp32'
+        print(f'{name:15s} {precision}: {per_step:8.3f} s/step  {args.batch / per_step:8.2f} samples/s  '
+              f'{peak_memory(device)}  losses {losses.tolist()}', flush=True)
+        del optimizer
+    diff = (results['fast'][1] - results['straightforward'][1]).abs().max().item()
+    print(f'speedup {results["straightforward"][0] / results["fast"][0]:.2f}x max_abs_diff {diff:.3g}', flush=True)
+
+
+if __name__ == '__main__':
+    main()

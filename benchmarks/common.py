@@ -1,0 +1,81 @@
+"""Shared set-up of the benchmarks: a random-weight model of a real size and random inputs of real shapes."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from models import BLIP_Retrieval  # noqa: E402
+
+OFFLINE_VOCAB = os.path.join(REPO, 'tests', 'fixtures', 'bert-base-uncased-vocab.txt')
+TEXT_LENGTH = 35
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument('--vit', default='base', choices=['base', 'large'])
+    parser.add_argument('--image_size', type=int, default=384)
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'tf32', 'bf16'])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--tokenizer', default=OFFLINE_VOCAB if os.path.exists(OFFLINE_VOCAB) else 'bert-base-uncased')
+    parser.add_argument('--seed', type=int, default=0)
+
+
+def build_model(args, queue_size: int = 57600, grad_ckpt: bool = False, ckpt_layer: int = 0) -> BLIP_Retrieval:
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):  # random init on the device: seconds instead of a minute on the CPU
+        model = BLIP_Retrieval(med_config=os.path.join(REPO, 'configs', 'med_config.json'), image_size=args.image_size,
+                               vit=args.vit, vit_grad_ckpt=grad_ckpt, vit_ckpt_layer=ckpt_layer,
+                               queue_size=queue_size, tokenizer=args.tokenizer)
+    return model
+
+
+def random_images(n: int, size: int, device, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def random_texts(n: int, device, seed: int, vocab_size: int = 30522) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the real shape (35, padded): [CLS] words [SEP] with caption-like lengths 8..35."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, TEXT_LENGTH + 1, (n,), generator=g)
+    ids = torch.randint(1000, vocab_size, (n, TEXT_LENGTH), generator=g)
+    mask = (torch.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).long()
+    ids[:, 0] = 101
+    ids[torch.arange(n), lengths - 1] = 102
+    ids = ids * mask
+    return ids.to(device), mask.to(device)
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device) -> str:
+    if torch.device(device).type == 'cuda':
+        return f'peak_mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
+    return f'process_max_rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB'
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        synchronize(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,84 @@
+"""The CUDA path (skipped without a GPU): golden numbers, fast == reference evaluation, bf16, a torchrun run."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY_KWARGS, run_torchrun
+from synthetic import write_colour_dataset
+
+import evaluation
+import utils
+from models import blip_retrieval
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+CUDA = torch.device('cuda')
+
+
+def t(x, dtype=torch.float32):
+    return torch.tensor(x, dtype=dtype, device=CUDA)
+
+
+@pytest.fixture
+def cuda_model(golden_checkpoint):
+    utils.configure_precision('fp32', CUDA)
+    return blip_retrieval(golden_checkpoint, **TINY_KWARGS).to(CUDA).eval()
+
+
+def test_golden_features_and_scores_on_cuda(cuda_model, golden):
+    with torch.no_grad():
+        image_embeds, image_feat = cuda_model.encode_image(t(golden['images']))
+        ids, mask = cuda_model.tokenize(golden['captions'])
+        text_feat = cuda_model.encode_text(ids, mask)
+    torch.testing.assert_close(image_feat, t(golden['image_feat']), atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_feat, t(golden['text_feat']), atol=1e-5, rtol=0)
+    loader = [(t(golden['images']), None)]
+    for mode in ('fast', 'reference'):
+        i2t, t2i = evaluation.evaluate_scores(cuda_model, loader, golden['captions'], {'k_test': 3, 'eval_mode': mode},
+                                              CUDA)
+        np.testing.assert_allclose(i2t, np.array(golden['score_matrix_i2t']), atol=1e-5)
+        np.testing.assert_allclose(t2i, np.array(golden['score_matrix_t2i']), atol=1e-5)
+
+
+def test_golden_training_step_on_cuda(cuda_model, golden):
+    ref = golden['train_forward_eval_mode']
+    cuda_model.sample_hard_negatives = lambda a, b: (t(ref['neg_image_idx_for_text'], torch.long),
+                                                     t(ref['neg_text_idx_for_image'], torch.long))
+    batch = golden['train_batch']
+    ids, mask = cuda_model.tokenize([golden['captions'][i] for i in batch['caption_rows']])
+    out = cuda_model.forward_train(t(golden['images'])[batch['image_rows']], ids, mask, batch['alpha'],
+                                   t(batch['idx'], torch.long))
+    assert out.loss_ita.item() == pytest.approx(ref['loss_ita'], abs=1e-5)
+    assert out.loss_itm.item() == pytest.approx(ref['loss_itm'], abs=1e-5)
+
+
+def test_bf16_evaluation_keeps_recall(cuda_model, golden):
+    loader = [(t(golden['images']), None)]
+    txt2img = {int(k): v for k, v in golden['txt2img'].items()}
+    img2txt = {int(k): v for k, v in golden['img2txt'].items()}
+    config = {'k_test': golden['k_test']}
+    autocast = utils.configure_precision('bf16', CUDA)
+    i2t, t2i = evaluation.evaluate_scores(cuda_model, loader, golden['captions'], config, CUDA, autocast)
+    utils.configure_precision('fp32', CUDA)
+    i2t_32, t2i_32 = evaluation.evaluate_scores(cuda_model, loader, golden['captions'], config, CUDA)
+    both = (t2i > -100) & (t2i_32 > -100)
+    print('bf16 max score difference', np.abs(t2i - t2i_32)[both].max())
+    assert evaluation.recall_metrics(i2t, t2i, txt2img, img2txt) == golden['itm_eval']
+
+
+def test_torchrun_evaluate_on_one_gpu_with_nccl(tmp_path, golden_checkpoint):
+    data = write_colour_dataset(str(tmp_path / 'data'), n_train=8, n_val=6, n_test=6)
+    options = {'image_root': data['image_root'], 'ann_root': data['ann_root'], 'pretrained': golden_checkpoint,
+               'vit': '{embed_dim: 64, depth: 2, num_heads: 2}', 'med_config': TINY_KWARGS['med_config'],
+               'tokenizer': TINY_KWARGS['tokenizer'], 'image_size': 32, 'embed_dim': 16, 'queue_size': 16,
+               'k_test': 4, 'num_workers': 2, 'precision': 'bf16'}
+    args = [os.path.join(REPO, 'train_retrieval.py'), '--config', os.path.join(REPO, 'configs', 'retrieval_flickr.yaml'),
+            '--evaluate', '--output_dir', str(tmp_path / 'out'), '--options'] + [f'{k}={v}' for k, v in options.items()]
+    result = run_torchrun(args, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / 'out' / 'evaluate.txt').read_text())
+    assert 0 <= record['test_r_mean'] <= 100 and 'val_txt_r1' in record
