@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "allow_unsafe_checkpoint": False,
     "save_every_steps": 0,
     "tensorboard": True,
+    "augment": True,
 }
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -181,6 +182,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "allow_unsafe_checkpoint": _as_bool,
     "save_every_steps": _as_int,
     "tensorboard": _as_bool,
+    "augment": _as_bool,
 }
 assert set(_CHECKS) == set(_ALL_KEYS)
 

@@ -63,14 +63,18 @@ def create_datasets(config: dict, splits: Iterable[str] = ("train", "val", "test
     image_size = config["image_size"]
     max_words = config.get("max_words", 30)
 
+    # `augment: False` trains on the evaluation transform (the synthetic demo's captions name positions,
+    # which flips and crops would contradict).
+    train_transform = (build_train_transform(image_size) if config.get("augment", True)
+                       else build_eval_transform(image_size))
     datasets: dict[str, Dataset] = {}
     for split in splits:
         path = annotation_file(ann_root, dataset, split)
         records = load_annotation(path, split)
         if split == "train":
             datasets[split] = RetrievalTrainDataset(
-                records, build_train_transform(image_size), image_root,
-                max_words=max_words, seed=config.get("seed", 0), name=path,
+                records, train_transform, image_root,
+                max_words=max_words, seed=config.get("seed") or 0, name=path,
             )
         else:
             datasets[split] = RetrievalEvalDataset(

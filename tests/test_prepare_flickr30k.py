@@ -472,3 +472,33 @@ def test_update_config_keeps_comments_and_appends_missing_keys(tmp_path):
     config.write_text("# top\nimage_root: 'old'   # keep me\nother: 1\n", encoding="utf-8")
     prep.update_config(config, {"image_root": "'/new/it''s'", "ann_root": "'/ann'"})
     assert config.read_text() == "# top\nimage_root: '/new/it''s'   # keep me\nother: 1\nann_root: '/ann'\n"
+
+
+def test_prepared_kaggle_download_is_evaluated_by_train_retrieval(tmp_path, fake_kaggle, offline, golden_checkpoint):
+    """Kaggle replaced only at its network call; then `train_retrieval.py --evaluate` on the written config."""
+    import shutil as _shutil
+
+    import train_retrieval
+    from conftest import REPO, TINY_MED_CONFIG, VOCAB
+
+    calls, source = fake_kaggle
+    fake = make_fake_kaggle_zip(tmp_path, 8)
+    source["zip"] = fake.zip_path
+    root = tmp_path / "data"
+    write_blip_annotations(root / "annotation", fake)
+    config = tmp_path / "retrieval_flickr.yaml"
+    _shutil.copy(Path(REPO) / "configs" / "retrieval_flickr.yaml", config)
+    assert prep.main(["--root", str(root), "--write-config", str(config)]) == 0
+    assert calls and (root / "Images").is_dir()
+
+    options = {"pretrained": golden_checkpoint, "vit": "{embed_dim: 64, depth: 2, num_heads: 2}",
+               "med_config": TINY_MED_CONFIG, "tokenizer": VOCAB, "image_size": 32, "embed_dim": 16,
+               "queue_size": 16, "batch_size_train": 8, "k_test": 128, "num_workers": 0}
+    out = tmp_path / "eval"
+    argv = ["--config", str(config), "--device", "cpu", "--evaluate", "--output_dir", str(out),
+            "--options"] + [f"{k}={v}" for k, v in options.items()]
+    assert train_retrieval.main(argv) == 0
+    record = json.loads((out / "evaluate.txt").read_text())
+    # One val and one test image with five captions each: everything is found at rank 1 or better than 10.
+    assert record["val_txt_r1"] == 100.0 and record["test_img_r1"] == 100.0
+    assert json.loads(json.dumps(record)).keys() >= {"val_r_mean", "test_r_mean"}
