@@ -77,12 +77,12 @@ class MultiHeadAttention(nn.Module):
         return out.transpose(1, 2).reshape(batch, length, -1)  # (B, L, hidden)
 
 
-class AttentionOutput(nn.Module):
-    """Projection, dropout, residual and post-LayerNorm after an attention block."""
+class ResidualOutput(nn.Module):
+    """Projection, dropout, residual and post-LayerNorm: closes both the attention and the feed-forward blocks."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -96,7 +96,7 @@ class AttentionBlock(nn.Module):
         # `self.self` is the name in the official checkpoints (`attention.self.query.weight`).
         self.self = MultiHeadAttention(config.hidden_size, kv_width, config.num_attention_heads,
                                        config.attention_probs_dropout_prob)
-        self.output = AttentionOutput(config)
+        self.output = ResidualOutput(config, config.hidden_size)
 
 
 class Intermediate(nn.Module):
@@ -110,17 +110,6 @@ class Intermediate(nn.Module):
         return F.gelu(self.dense(x))
 
 
-class FeedForwardOutput(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
 class BertLayer(nn.Module):
     """Self-attention, then (multimodal only) cross-attention to the image, then the feed-forward block."""
 
@@ -129,7 +118,7 @@ class BertLayer(nn.Module):
         self.attention = AttentionBlock(config, config.hidden_size)
         self.crossattention = AttentionBlock(config, config.encoder_width)
         self.intermediate = Intermediate(config)
-        self.output = FeedForwardOutput(config)
+        self.output = ResidualOutput(config, config.intermediate_size)
 
     def forward(self, hidden: torch.Tensor, text_bias: torch.Tensor,
                 image_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
