@@ -9,6 +9,31 @@ Fine-tune (set `pretrained` to a pre-trained checkpoint, e.g. model_base.pth):
 Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 ...
 SLURM: srun python train_retrieval.py ... (one task per GPU; MASTER_PORT exported).
 CPU demo: python train_retrieval.py --config configs/retrieval_demo.yaml --device cpu
+
+Never losing a run:
+  * checkpoint_last.pth is written atomically (temp file + rename) when an epoch's training ends, again
+    after its evaluation, and every `save_every_steps` steps; it holds the weights with the queues, the
+    optimizer, epoch and step, the best val r_mean so far, the config and the RNG states of every rank.
+    checkpoint_best.pth is only ever replaced by a better one, also atomically.
+  * Run the same command plus `--resume auto` (or `--resume PATH`) to continue exactly where it stopped:
+    same data order, learning rate, alpha, queues and random draws, hence the same weights bit for bit.
+    With another number of processes, keep the global batch (batch_size_train x processes) and every
+    global step still sees the same samples; weights, optimizer, queues, lr and alpha carry over, but the
+    per-rank split of the loss and the random draws (dropout, hard negatives) differ.
+  * SIGTERM or SIGUSR1 (SLURM preemption, `scancel`, torchrun forwarding them) finish the current step on
+    every rank, save checkpoint_last.pth and exit with code 0 and a message (torchrun itself, having been
+    signalled, still exits non-zero). A signal during evaluation stops the run once the epoch is saved.
+    torchrun gives its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) before killing them, enough
+    for a step and a save; it forwards SIGUSR1 only when TORCHELASTIC_SIGNALS_TO_HANDLE lists it (e.g.
+    SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1). DataLoader workers ignore both signals and end with their process.
+  * A non-finite loss stops the run before the step is applied (exit code 1), naming the step and the
+    losses of every rank; the last checkpoint is left as it was.
+
+Test hooks (environment variables, used by tests/test_resume.py):
+  BLIP_STOP_AFTER_STEPS=N   behave as if SIGTERM arrived during the N-th training step of the run
+                            (counted from epoch 0, step 0): the same code path as a real preemption.
+  BLIP_STEP_TRACE=PREFIX    every rank appends one JSON line per step (epoch, step, lr, alpha, the batch's
+                            image indices and captions, the losses) to PREFIX.rank<R>.jsonl.
 """
 from __future__ import annotations
 
@@ -20,7 +45,7 @@ import os
 import random
 import signal
 import sys
-import time
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -30,15 +55,25 @@ import torch
 import utils
 from config import ConfigError, load_config, save_config
 from data import (DataError, create_datasets, create_eval_loader, create_train_loader, ensure_annotations,
-                  find_missing_images, set_loader_epoch)
+                  set_loader_epoch)
+from data.retrieval_dataset import find_unreadable_images
 from evaluation import evaluate_scores, recall_metrics
 from models import blip_retrieval
 from models.checkpoint import CheckpointError, read_checkpoint
 
 _logger = logging.getLogger('train_retrieval')
 
-RUN_FILES = ('checkpoint_last.pth', 'checkpoint_best.pth', 'log.txt')
+LAST_CHECKPOINT = 'checkpoint_last.pth'
+BEST_CHECKPOINT = 'checkpoint_best.pth'
+TRAIN_LOG = 'log.txt'
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOG)
+RESUME_KEYS = ('model', 'optimizer', 'config', 'epoch', 'step', 'best_r_mean', 'best_epoch', 'best_test',
+               'train_meters', 'rng_states', 'world_size')
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_AFTER_STEPS_ENV = 'BLIP_STOP_AFTER_STEPS'
+STEP_TRACE_ENV = 'BLIP_STEP_TRACE'
 EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 1
 EXIT_PREEMPTED = 0  # a clean stop: the scheduler requeues, `--resume auto` continues
 
 
@@ -47,7 +82,17 @@ class SetupError(RuntimeError):
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A training loss was NaN or infinite; the step was not applied."""
+
+
+class Preempted(Exception):
+    """A stop was requested (signal or test hook) and every rank agreed to stop after this step."""
+
+
+def warn_once(message: str, *args) -> None:
+    """A warning from rank 0 only (other ranks log warnings too, and would repeat it)."""
+    if utils.is_main_process():
+        _logger.warning(message, *args)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -67,7 +112,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--output_dir', default='output/Retrieval_flickr', help='logs, configs and checkpoints')
     parser.add_argument('--evaluate', action='store_true', help='evaluate val and test once, no training')
     parser.add_argument('--device', default='cuda', help='cuda or cpu')
-    parser.add_argument('--seed', default=42, type=int, help='base seed (each rank adds its rank)')
+    parser.add_argument('--seed', default=42, type=int,
+                        help='base seed (each rank adds its rank); a resumed run keeps its checkpoint\'s seed')
     parser.add_argument('--world_size', default=1, type=int,
                         help='kept for compatibility: the launcher (torchrun/SLURM) sets the world size')
     parser.add_argument('--dist_url', default='env://', help='process-group rendezvous')
@@ -76,13 +122,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='override config keys, e.g. --options init_lr=2e-5 k_test=256')
     parser.add_argument('--resume', default=None, metavar='PATH|auto',
-                        help="continue from a checkpoint_last.pth ('auto': output_dir's, if any)")
+                        help=f"continue from a {LAST_CHECKPOINT} ('auto': output_dir's, if there is one)")
     parser.add_argument('--overwrite', action='store_true',
-                        help="start afresh in an output_dir that holds another run's checkpoints")
+                        help="start afresh in an output_dir that holds another run's checkpoints (deletes them)")
     return parser.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------------- setup
+# ---------------------------------------------------------------------------------------------- input checks
 def run_on_main(fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 only; every rank gets its result, or raises its error (no rank hangs)."""
     result, error = None, None
@@ -107,36 +153,52 @@ def prepare_data(config: dict, evaluate: bool) -> None:
         ensure_annotations(config['ann_root'], config['dataset'], splits)
 
 
-def check_images(datasets: dict, image_root: str) -> None:
-    """Every image of every split must exist: listed all at once, not found on step 3,000."""
-    missing = {split: find_missing_images(image_root, ds.image_paths()) for split, ds in datasets.items()}
-    missing = {split: paths for split, paths in missing.items() if paths}
-    if missing:
-        lines = [f'  {split}: {len(paths)} missing, e.g. {", ".join(paths[:5])}' for split, paths in missing.items()]
-        raise SetupError(f'images named by the annotations are missing under image_root={image_root!r}:\n'
-                         + '\n'.join(lines) + '\nPoint image_root at the folder holding them (e.g. the Kaggle '
-                         '"Images" folder\'s parent); `python -m data.prepare_flickr30k --root DIR` checks a download.')
+def check_images(datasets: dict, image_root: str, shown_per_split: int = 20) -> None:
+    """Every image of every split must exist and look like an image: all listed at once, not found on step 3,000.
+
+    Cheap (a stat and a few bytes per file, see `find_unreadable_images`); decoding every image is left
+    to `python -m data.prepare_flickr30k`.
+    """
+    problems = {split: find_unreadable_images(image_root, ds.image_paths()) for split, ds in datasets.items()}
+    problems = {split: found for split, found in problems.items() if found}
+    if not problems:
+        return
+    lines = []
+    for split, found in problems.items():
+        lines.append(f'  {split}: {len(found)} of {len(datasets[split].image_paths())} images')
+        lines += [f'    {path}: {problem}' for path, problem in list(found.items())[:shown_per_split]]
+        if len(found) > shown_per_split:
+            lines.append(f'    ... and {len(found) - shown_per_split} more')
+    raise SetupError(f'images named by the annotations are missing or unreadable under image_root={image_root!r}:\n'
+                     + '\n'.join(lines) + '\nPoint image_root at the folder holding them (e.g. the Kaggle "Images" '
+                     "folder's parent) and replace empty or broken files; `python -m data.prepare_flickr30k --root "
+                     'DIR` checks and repairs a Flickr30k download.')
 
 
 def check_batch_sizes(config: dict, train_size: int, world_size: int) -> None:
-    global_batch = config['batch_size_train'] * world_size
+    """The queue takes whole global batches, and one global batch must fit in the training set."""
+    batch = config['batch_size_train']
+    global_batch = batch * world_size
     if config['queue_size'] % global_batch:
-        valid = [q for q in range(global_batch, 2 * config['queue_size'] + 1, global_batch)]
-        nearest = sorted(valid, key=lambda q: abs(q - config['queue_size']))[:3]
+        valid = range(global_batch, 2 * config['queue_size'] + global_batch, global_batch)
+        nearest = sorted(sorted(valid, key=lambda q: abs(q - config['queue_size']))[:2])
         raise SetupError(f"queue_size {config['queue_size']} is not divisible by the global batch size "
-                         f"{global_batch} (batch_size_train {config['batch_size_train']} x {world_size} processes); "
-                         f"use e.g. queue_size={' or '.join(map(str, sorted(nearest)))}")
+                         f"{global_batch} (batch_size_train {batch} x {world_size} processes); "
+                         f"use queue_size={' or '.join(map(str, nearest))} (any multiple of {global_batch})")
     if global_batch > train_size:
-        raise SetupError(f"global batch size {global_batch} (batch_size_train {config['batch_size_train']} x "
-                         f"{world_size} processes) is larger than the {train_size} training samples; "
-                         'lower batch_size_train')
+        raise SetupError(f'global batch size {global_batch} (batch_size_train {batch} x {world_size} processes) is '
+                         f'larger than the {train_size} training samples; lower batch_size_train to at most '
+                         f'{max(1, train_size // world_size)}')
 
 
 def check_output_dir(output_dir: str, resume: Optional[str], overwrite: bool) -> None:
+    """An output_dir that holds another run is only used to continue it (--resume) or replace it (--overwrite)."""
+    if resume and overwrite:
+        raise SetupError('--resume continues the run in output_dir and --overwrite deletes it: pass only one')
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
     if existing and not resume and not overwrite:
         raise SetupError(f'{output_dir} already holds another run ({", ".join(existing)}); pass --resume auto to '
-                         'continue it, --overwrite to start afresh there, or choose another --output_dir')
+                         'continue it, --overwrite to delete it and start afresh there, or choose another --output_dir')
 
 
 def build_model(config: dict, pretrained: Optional[str] = None):
@@ -147,6 +209,12 @@ def build_model(config: dict, pretrained: Optional[str] = None):
         embed_dim=config['embed_dim'], queue_size=config['queue_size'], momentum=config['momentum'],
         negative_all_rank=config['negative_all_rank'], tokenizer=config['tokenizer'],
         sha256=config['sha256'], allow_unsafe_checkpoint=config['allow_unsafe_checkpoint'])
+
+
+def build_optimizer(model, config: dict, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=config['init_lr'], weight_decay=config['weight_decay'],
+                             fused=device.type == 'cuda')
 
 
 # ---------------------------------------------------------------------------------------------- training state
@@ -160,9 +228,11 @@ class RunState:
     best_test: dict = field(default_factory=dict)
     train_meters: dict = field(default_factory=dict)  # running sums of the epoch in progress
     steps_per_epoch: int = 0
+    rng: Optional[dict] = None  # this rank's RNG state to restore just before training (resume only)
 
 
 def rng_state() -> dict:
+    """This process's torch, CUDA, numpy and Python RNG states, as tensors and lists (weights_only-loadable)."""
     np_state = np.random.get_state()
     state = {'torch': torch.get_rng_state(), 'python': _plain(random.getstate()),
              'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
@@ -193,51 +263,163 @@ def save_last(path: str, model, optimizer, config: dict, state: RunState) -> Non
     if utils.is_main_process():
         utils.atomic_torch_save({
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': config,
-            'epoch': state.epoch, 'step': state.step, 'best_r_mean': state.best_r_mean,
-            'best_epoch': state.best_epoch, 'best_test': state.best_test, 'train_meters': state.train_meters,
-            'rng_states': rng_states, 'world_size': utils.get_world_size()}, path)
+            'epoch': state.epoch, 'step': state.step, 'steps_per_epoch': state.steps_per_epoch,
+            'best_r_mean': state.best_r_mean, 'best_epoch': state.best_epoch, 'best_test': state.best_test,
+            'train_meters': state.train_meters, 'rng_states': rng_states, 'world_size': utils.get_world_size(),
+            # The data order is a function of these alone (sampler and augmentation are seeded per epoch).
+            'data_order': {'seed': config['seed'], 'epoch': state.epoch, 'start_batch': state.step,
+                           'batch_size_train': config['batch_size_train'], 'world_size': utils.get_world_size()},
+        }, path)
         _logger.info('Saved %s (epoch %d, step %d)', path, state.epoch, state.step)
 
 
-def load_resume(path: str, model, optimizer, config: dict) -> RunState:
-    checkpoint = read_checkpoint(path)
-    if 'optimizer' not in checkpoint or 'step' not in checkpoint:
-        raise SetupError(f'{path} is not a checkpoint_last.pth written by this script (no optimizer/step); '
-                         'use it as `pretrained` to fine-tune from its weights instead')
-    model.load_state_dict(checkpoint['model'])
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    changed = {k for k in config if k in checkpoint['config'] and checkpoint['config'][k] != config[k]}
+def resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint --resume names, or None (no --resume, or 'auto' with nothing to resume yet)."""
+    if not resume:
+        return None
+    if resume == 'auto':
+        path = os.path.join(output_dir, LAST_CHECKPOINT)
+        if os.path.exists(path):
+            return path
+        _logger.info('--resume auto: no %s yet, starting from the beginning', path)
+        return None
+    if not os.path.isfile(resume):
+        raise SetupError(f'--resume {resume}: file not found; pass the {LAST_CHECKPOINT} of the run to continue, '
+                         f'or --resume auto for the one in --output_dir')
+    return resume
+
+
+def read_resume_checkpoint(path: str, allow_unsafe: bool) -> dict:
+    """Read (weights_only) and sanity-check a checkpoint_last.pth."""
+    checkpoint = read_checkpoint(path, allow_unsafe=allow_unsafe)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise SetupError(f'{path} is not a {LAST_CHECKPOINT} written by this script (it lacks {", ".join(missing)}); '
+                         'to fine-tune from its weights, set it as `pretrained` instead of --resume')
+    return checkpoint
+
+
+def adopt_resumed_config(config: dict, checkpoint: dict, path: str) -> None:
+    """Keep the checkpoint's data seed (the data order depends on it); warn about every other changed key."""
+    saved = checkpoint['config']
+    if saved.get('seed') is not None and saved['seed'] != config['seed']:
+        warn_once('Resuming with the checkpoint\'s seed %d (not %d): the data order depends on it',
+                  saved['seed'], config['seed'])
+        config['seed'] = saved['seed']
+    changed = sorted(k for k in config if k in saved and saved[k] != config[k])
     if changed:
-        _logger.warning('Resuming with config values that differ from the checkpoint: %s', sorted(changed))
+        differences = ', '.join(f'{k}: {saved[k]!r} -> {config[k]!r}' for k in changed)
+        warn_once('Resuming %s with config values that differ from the checkpoint\'s, so the run is not '
+                  'the one it would have been: %s', path, differences)
+
+
+def state_dict_mismatches(model: torch.nn.Module, state_dict: dict) -> list[str]:
+    """Every key that is missing, unexpected or of another shape, one line each."""
+    target = model.state_dict()
+    lines = [f'missing: {k}' for k in target if k not in state_dict]
+    lines += [f'unexpected: {k}' for k in state_dict if k not in target]
+    lines += [f'shape: {k}: {tuple(v.shape)} in the checkpoint, {tuple(target[k].shape)} in the model'
+              for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
+    return lines
+
+
+def load_resume_state(checkpoint: dict, path: str, model, optimizer, config: dict, rank: int,
+                      world_size: int) -> RunState:
+    """Put a checkpoint_last.pth into the model and optimizer and return where the run stands."""
+    mismatches = state_dict_mismatches(model, checkpoint['model'])
+    if mismatches:
+        shown = '\n'.join(f'  {line}' for line in mismatches[:40])
+        more = f'\n  ... and {len(mismatches) - 40} more' if len(mismatches) > 40 else ''
+        saved = checkpoint['config']
+        raise SetupError(f'{path} is of another architecture than this config builds ({len(mismatches)} keys differ):\n'
+                         f'{shown}{more}\nResume with the settings it was written with (vit={saved.get("vit")!r}, '
+                         f'embed_dim={saved.get("embed_dim")}, image_size={saved.get("image_size")}, '
+                         f'queue_size={saved.get("queue_size")}, med_config={saved.get("med_config")!r}) '
+                         'or start a new run in another --output_dir.')
+    model.load_state_dict(checkpoint['model'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as error:
+        raise SetupError(f'{path}: the optimizer state does not fit this model ({error}); resume with the config '
+                         'the checkpoint was written with') from None
     state = RunState(epoch=checkpoint['epoch'], step=checkpoint['step'], best_r_mean=checkpoint['best_r_mean'],
                      best_epoch=checkpoint['best_epoch'], best_test=checkpoint['best_test'],
                      train_meters=checkpoint['train_meters'])
-    saved_world = checkpoint['world_size']
-    if saved_world == utils.get_world_size():
-        set_rng_state(checkpoint['rng_states'][utils.get_rank()])
+    saved_world, saved_batch = checkpoint['world_size'], checkpoint['config']['batch_size_train']
+    if (saved_world, saved_batch) == (world_size, config['batch_size_train']):
+        state.rng = checkpoint['rng_states'][rank]
     else:
-        # The data order of the rest of the epoch and the random draws differ; queues, weights,
-        # optimizer, learning rate and alpha carry over. Restart the interrupted epoch's position in samples.
-        samples = state.step * config['batch_size_train'] * saved_world
-        state.step = samples // (config['batch_size_train'] * utils.get_world_size())
-        _logger.warning('Resuming %d processes from a %d-process checkpoint: same weights, queues, optimizer, '
-                        'lr and alpha; the data order of the rest of epoch %d and random draws differ',
-                        utils.get_world_size(), saved_world, state.epoch)
-    _logger.info('Resumed from %s at epoch %d step %d (best val r_mean %.2f at epoch %d)', path, state.epoch,
+        # Same position in samples; with an unchanged global batch every global step sees the same
+        # samples as before (rank r takes every world_size-th index of the same permutation).
+        samples = state.step * saved_batch * saved_world
+        state.step = samples // (config['batch_size_train'] * world_size)
+        same_global = saved_batch * saved_world == config['batch_size_train'] * world_size
+        warn_once(
+            'Resuming %d processes x batch %d from a checkpoint of %d x %d: weights, queues, optimizer, lr and '
+            'alpha carry over; %s; the per-rank loss split and the random draws differ, so the run is not '
+            'bit-identical', world_size, config['batch_size_train'], saved_world, saved_batch,
+            'every global step sees the same samples' if same_global else
+            f'the global batch changed, so the data order of the rest of epoch {state.epoch} differs')
+        # Fresh, reproducible random streams (the saved ones belong to other ranks).
+        seed = np.random.SeedSequence([config['seed'], rank, state.epoch, state.step]).generate_state(1)[0]
+        utils.seed_everything(int(seed))
+    _logger.info('Resuming from %s at epoch %d step %d (best val r_mean %.2f at epoch %d)', path, state.epoch,
                  state.step, state.best_r_mean, state.best_epoch)
     return state
 
 
+# ---------------------------------------------------------------------------------------------- stopping
 class StopRequest:
-    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; the loop finishes its step, saves and exits."""
+    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; the loop finishes its step, saves and exits.
 
-    def __init__(self):
-        self.signal_name: Optional[str] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+    `stop_after_steps` (the BLIP_STOP_AFTER_STEPS test hook) sets the same flag during that step.
+    Use as a context manager: the previous signal handlers come back on exit.
+    """
+
+    def __init__(self, stop_after_steps: Optional[int] = None):
+        self.reason: Optional[str] = None
+        self.stop_after_steps = stop_after_steps
+        self._previous: dict = {}
+        self._reported = False
+
+    def __enter__(self) -> 'StopRequest':
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread install them
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        else:
+            _logger.warning('Not in the main thread: SIGTERM/SIGUSR1 will not stop training gracefully')
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        # No logging here: the handler may interrupt a write to the same stream.
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+
+    def note_step(self, steps_done: int) -> None:
+        """Count a training step (1-based over the whole run) for the test hook; report a pending stop once."""
+        if self.stop_after_steps is not None and steps_done >= self.stop_after_steps and self.reason is None:
+            self.reason = f'{STOP_AFTER_STEPS_ENV}={self.stop_after_steps}'
+        if self.reason is not None and not self._reported:
+            self._reported = True
+            _logger.warning('Rank %d: %s, stopping after this step', utils.get_rank(), self.reason)
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+def stop_after_steps_from_env() -> Optional[int]:
+    value = os.environ.get(STOP_AFTER_STEPS_ENV)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SetupError(f'{STOP_AFTER_STEPS_ENV}={value!r} must be an integer number of steps') from None
 
 
 def agree(flags: list[bool], device: torch.device) -> list[bool]:
@@ -246,16 +428,37 @@ def agree(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in utils.all_reduce_sum_(tensor).gt(0).tolist()]
 
 
+class StepTrace:
+    """The BLIP_STEP_TRACE test hook: one JSON line per training step and rank (no-op when unset)."""
+
+    def __init__(self, prefix: Optional[str], rank: int):
+        self.path = f'{prefix}.rank{rank}.jsonl' if prefix else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+
 # ---------------------------------------------------------------------------------------------- epochs
 def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: RunState, device: torch.device,
-                    autocast, stop: StopRequest, save_fn: Callable[[], None], writer: utils.TensorboardWriter
-                    ) -> dict:
+                    autocast, stop: StopRequest, save_fn: Callable[[], None], writer: utils.TensorboardWriter,
+                    trace: StepTrace) -> dict:
+    """Train the rest of `state.epoch` from `state.step`; `state` advances with every step.
+
+    Raises Preempted after the step during which a stop was requested (on any rank), and
+    NonFiniteLossError before applying a step with a non-finite loss (on any rank).
+    """
     model.train()
     epoch, steps_per_epoch = state.epoch, state.steps_per_epoch
     progress = utils.ProgressLogger(steps_per_epoch, f'Train Epoch [{epoch}]', config['log_every'])
     sums = dict(state.train_meters)
     lr = optimizer.param_groups[0]['lr']
-    for step, (image, caption, idx) in enumerate(progress.iter(loader), start=state.step):
+    for step, (image, caption, idx) in enumerate(progress.iter(loader, start=state.step), start=state.step):
         image, idx = image.to(device, non_blocking=True), idx.to(device, non_blocking=True)
         alpha = utils.ramp_alpha(config['alpha'], epoch, step, steps_per_epoch)
         tokens = raw_model.tokenize(caption)
@@ -265,32 +468,39 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         losses = torch.stack([loss_ita.detach(), loss_itm.detach()]).float().cpu().tolist()
-        nonfinite, stopping = agree([not all(map(math.isfinite, losses)), stop.signal_name is not None], device)
+        stop.note_step(epoch * steps_per_epoch + step + 1)
+        nonfinite, stopping = agree([not all(map(math.isfinite, losses)), stop.requested], device)
         if nonfinite:
-            raise NonFiniteLossError(f'non-finite loss at epoch {epoch} step {step}: loss_ita {losses[0]}, '
-                                     f'loss_itm {losses[1]} on rank {utils.get_rank()}; the last good checkpoint '
-                                     'is kept. Lower init_lr or use precision fp32/tf32.')
+            raise NonFiniteLossError(nonfinite_message(epoch, step, steps_per_epoch, losses))
         optimizer.step()
+        if trace.enabled:
+            trace.write(epoch=epoch, step=step, lr=lr, alpha=alpha, idx=idx.tolist(), caption=list(caption),
+                        loss_ita=losses[0], loss_itm=losses[1])
         progress.update(loss_ita=losses[0], loss_itm=losses[1], lr=lr)
         for name, value in (('loss_ita', losses[0]), ('loss_itm', losses[1]), ('lr', lr)):
             sums[name] = sums.get(name, 0.0) + value
         sums['count'] = sums.get('count', 0) + 1
         state.step, state.train_meters = step + 1, sums
-        global_step = epoch * steps_per_epoch + step
         if step % config['log_every'] == 0:
             writer.add_scalars({'train/loss_ita': losses[0], 'train/loss_itm': losses[1], 'train/lr': lr,
-                                'train/alpha': alpha}, global_step)
+                                'train/alpha': alpha}, epoch * steps_per_epoch + step)
         if stopping:
             raise Preempted()
         if config['save_every_steps'] and state.step % config['save_every_steps'] == 0 \
                 and state.step < steps_per_epoch:
             save_fn()
+    sums = dict(sums)
     count = max(1, sums.pop('count', 1))
     return {name: value / count for name, value in sums.items()}
 
 
-class Preempted(Exception):
-    pass
+def nonfinite_message(epoch: int, step: int, steps_per_epoch: int, losses: list[float]) -> str:
+    """Which step and whose losses went non-finite (collective call: every rank's losses are gathered)."""
+    per_rank = utils.all_gather_object(losses)
+    described = '; '.join(f'rank {r}: loss_ita {ita}, loss_itm {itm}' for r, (ita, itm) in enumerate(per_rank))
+    return (f'non-finite loss at epoch {epoch} step {step} (global step {epoch * steps_per_epoch + step}): '
+            f'{described}. The step was not applied and {LAST_CHECKPOINT} is left as it was; lower init_lr or use '
+            'precision fp32, then continue with --resume auto.')
 
 
 class _null:
@@ -308,6 +518,7 @@ def evaluate_split(model, dataset, config: dict, dist_info, autocast) -> dict:
     return recall_metrics(scores_i2t, scores_t2i, dataset.txt2img, dataset.img2txt)
 
 
+# ---------------------------------------------------------------------------------------------- output files
 def append_json(path: str, record: dict) -> None:
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -315,11 +526,50 @@ def append_json(path: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    tmp_path = f'{path}.{os.getpid()}.tmp'
+    with open(tmp_path, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def trim_log(path: str, epoch: int) -> None:
+    """Keep the log records of epochs before `epoch`: a resumed run redoes the later ones (and drops a cut line)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith('\n') and isinstance(record, dict) and record.get('epoch', epoch) < epoch:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, ''.join(kept))
+        _logger.warning('%s: dropped %d record(s) of epoch %d on; the resumed run writes them again',
+                        path, len(lines) - len(kept), epoch)
+
+
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Temp files of writes that a hard kill interrupted (the files they were to replace are intact)."""
+    prefixes = ('.' + LAST_CHECKPOINT + '.', '.' + BEST_CHECKPOINT + '.', TRAIN_LOG + '.')
+    for name in os.listdir(output_dir):
+        if name.startswith(prefixes) and name.endswith('.tmp'):
+            os.remove(os.path.join(output_dir, name))
+            _logger.info('Removed the unfinished write %s', name)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    root = logging.getLogger()
+    handlers_before, level_before = list(root.handlers), root.level
     utils.setup_logging(None, int(os.environ.get('RANK', 0)))
-    dist_info = None
     try:
         config = load_config(args.config, args.options)
         if not args.distributed:
@@ -332,20 +582,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_USER_ERROR
     except NonFiniteLossError as error:
         _logger.error('%s', error)
-        return 1
+        return EXIT_NONFINITE
     finally:
         utils.destroy_distributed()
+        # Called in-process (tests, notebooks): leave the root logger as it was, train.log closed.
+        for handler in [h for h in root.handlers if h not in handlers_before]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level_before)
 
 
 def run(args: argparse.Namespace, config: dict, dist_info) -> int:
+    """Check every input, then evaluate or train; nothing is written before all checks have passed."""
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
-    base_seed = args.seed if config['seed'] is None else config['seed']
-    config['seed'] = base_seed  # data order and augmentation: same on every rank
-    utils.seed_everything(base_seed + rank)  # dropout and negative sampling: per rank, as the original
-
-    # Everything that can be wrong with the input is checked before any output is written.
+    config['seed'] = args.seed if config['seed'] is None else config['seed']  # data order and augmentation
+    checkpoint, last_path = None, None
     if not args.evaluate:
         check_output_dir(args.output_dir, args.resume, args.overwrite)
+        stop_after_steps_from_env()
+        last_path = resume_path(args.resume, args.output_dir)
+        if last_path:
+            checkpoint = read_resume_checkpoint(last_path, config['allow_unsafe_checkpoint'])
+            adopt_resumed_config(config, checkpoint, last_path)
+    utils.seed_everything(config['seed'] + rank)  # dropout and negative sampling: per rank, as the original
+
     run_on_main(lambda: prepare_data(config, args.evaluate))
     if config['dataset'] == 'demo':
         config['ann_root'] = os.path.join(config['image_root'], 'annotation')
@@ -354,20 +614,33 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
     run_on_main(lambda: check_images(datasets, config['image_root']))
     if not args.evaluate:
         check_batch_sizes(config, len(datasets['train']), world_size)
-    model = build_model(config).to(device)
+    # A resumed run gets its weights from the checkpoint: `pretrained` need not be there any more.
+    model = build_model(config, pretrained='' if checkpoint else None).to(device)
+    optimizer, state = None, RunState()
+    if not args.evaluate:
+        optimizer = build_optimizer(model, config, device)
+        if checkpoint is not None:
+            state = load_resume_state(checkpoint, last_path, model, optimizer, config, rank, world_size)
+            del checkpoint
     autocast = utils.configure_precision(config['precision'], device)
     if config['compile']:
         model.visual_encoder.compile()
         model.text_encoder.compile()
 
+    # All checks passed: from here on the run writes its outputs.
     os.makedirs(args.output_dir, exist_ok=True)
     utils.setup_logging(args.output_dir, rank)
     if utils.is_main_process():
+        if args.overwrite:
+            for name in RUN_FILES:
+                if os.path.exists(os.path.join(args.output_dir, name)):
+                    os.remove(os.path.join(args.output_dir, name))
+                    _logger.warning('--overwrite: deleted %s', os.path.join(args.output_dir, name))
         save_config(config, os.path.join(args.output_dir, 'config.yaml'))
 
     if args.evaluate:
         return run_evaluation(model, datasets, config, dist_info, autocast, args.output_dir)
-    return run_training(args, model, datasets, config, dist_info, autocast)
+    return run_training(args, model, optimizer, state, datasets, config, dist_info, autocast)
 
 
 def run_evaluation(model, datasets, config, dist_info, autocast, output_dir: str) -> int:
@@ -381,24 +654,18 @@ def run_evaluation(model, datasets, config, dist_info, autocast, output_dir: str
     return 0
 
 
-def run_training(args, model, datasets, config, dist_info, autocast) -> int:
+def run_training(args, model, optimizer, state: RunState, datasets, config, dist_info, autocast) -> int:
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
     output_dir = args.output_dir
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config['init_lr'], weight_decay=config['weight_decay'],
-                                  fused=device.type == 'cuda')
-    last_path = os.path.join(output_dir, 'checkpoint_last.pth')
-    resume_path = last_path if args.resume == 'auto' else args.resume
-    state = RunState()
-    if resume_path and os.path.exists(resume_path):
-        state = load_resume(resume_path, model, optimizer, config)
-    elif args.resume and args.resume != 'auto':
-        raise SetupError(f'--resume {args.resume}: file not found')
-    elif args.resume == 'auto':
-        _logger.info('--resume auto: no %s yet, starting from the beginning', last_path)
+    last_path = os.path.join(output_dir, LAST_CHECKPOINT)
+    best_path = os.path.join(output_dir, BEST_CHECKPOINT)
+    log_path = os.path.join(output_dir, TRAIN_LOG)
+    if utils.is_main_process():
+        remove_stale_temp_files(output_dir)
+        trim_log(log_path, state.epoch)
 
     train_set = datasets['train']
-    state.steps_per_epoch = (len(train_set) // world_size) // config['batch_size_train']
+    state.steps_per_epoch = len(train_set) // world_size // config['batch_size_train']
     loader = create_train_loader(train_set, config['batch_size_train'], config['num_workers'], rank, world_size,
                                  config['seed'])
     train_model = model
@@ -409,43 +676,58 @@ def run_training(args, model, datasets, config, dist_info, autocast) -> int:
             model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     writer = utils.TensorboardWriter(os.path.join(output_dir, 'tensorboard')
                                      if config['tensorboard'] and utils.is_main_process() else None)
-    stop = StopRequest()
-    save = lambda: save_last(last_path, model, optimizer, config, state)
-    best_path = os.path.join(output_dir, 'checkpoint_best.pth')
+    trace = StepTrace(os.environ.get(STEP_TRACE_ENV), rank)
+    saved_at: list[tuple[int, int]] = []
 
-    try:
-        while state.epoch < config['max_epoch']:
-            epoch = state.epoch
-            utils.set_lr(optimizer, utils.cosine_lr(epoch, config['max_epoch'], config['init_lr'], config['min_lr']))
-            set_loader_epoch(loader, epoch, state.step)
-            train_stats = train_one_epoch(train_model, model, loader, optimizer, config, state, device, autocast,
-                                          stop, save, writer)
-            val = evaluate_split(model, datasets['val'], config, dist_info, autocast)
-            test = evaluate_split(model, datasets['test'], config, dist_info, autocast)
-            if val['r_mean'] > state.best_r_mean:
-                state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
+    def save() -> None:
+        """checkpoint_last.pth of the current position (once per position)."""
+        if saved_at[-1:] != [(state.epoch, state.step)]:
+            save_last(last_path, model, optimizer, config, state)
+            saved_at.append((state.epoch, state.step))
+
+    if state.rng is not None:  # last, so that nothing above can shift the resumed random streams
+        set_rng_state(state.rng)
+        state.rng = None
+    with StopRequest(stop_after_steps_from_env()) as stop:
+        try:
+            while state.epoch < config['max_epoch']:
+                epoch = state.epoch
+                utils.set_lr(optimizer, utils.cosine_lr(epoch, config['max_epoch'], config['init_lr'],
+                                                        config['min_lr']))
+                set_loader_epoch(loader, epoch, state.step)
+                train_stats = train_one_epoch(train_model, model, loader, optimizer, config, state, device,
+                                              autocast, stop, save, writer, trace)
+                save()  # the epoch's training is safe before its (possibly long) evaluation
+                val = evaluate_split(model, datasets['val'], config, dist_info, autocast)
+                test = evaluate_split(model, datasets['test'], config, dist_info, autocast)
+                if val['r_mean'] > state.best_r_mean:
+                    state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
+                    if utils.is_main_process():
+                        utils.atomic_torch_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                                 'config': config, 'epoch': epoch, 'val_r_mean': val['r_mean']},
+                                                best_path)
+                        _logger.info('New best val r_mean %.2f: saved %s', val['r_mean'], best_path)
                 if utils.is_main_process():
-                    utils.atomic_torch_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                                             'config': config, 'epoch': epoch, 'val_r_mean': val['r_mean']},
-                                            best_path)
-                    _logger.info('New best val r_mean %.2f: saved %s', val['r_mean'], best_path)
-            if utils.is_main_process():
-                record = {**{f'train_{k}': v for k, v in train_stats.items()},
-                          **{f'val_{k}': v for k, v in val.items()},
-                          **{f'test_{k}': v for k, v in state.best_test.items()},
-                          'epoch': epoch, 'best_epoch': state.best_epoch}
-                append_json(os.path.join(output_dir, 'log.txt'), record)
-                writer.add_scalars({f'val/{k}': v for k, v in val.items()}, epoch)
-                _logger.info('Epoch %d: val %s | test %s', epoch, json.dumps(val), json.dumps(test))
-            state.epoch, state.step, state.train_meters = epoch + 1, 0, {}
+                    record = {**{f'train_{k}': v for k, v in train_stats.items()},
+                              **{f'val_{k}': v for k, v in val.items()},
+                              **{f'test_{k}': v for k, v in state.best_test.items()},
+                              'epoch': epoch, 'best_epoch': state.best_epoch}
+                    append_json(log_path, record)
+                    writer.add_scalars({f'val/{k}': v for k, v in val.items()}, epoch)
+                    _logger.info('Epoch %d: val %s | test %s', epoch, json.dumps(val), json.dumps(test))
+                state.epoch, state.step, state.train_meters = epoch + 1, 0, {}
+                save()
+                # A signal that came during evaluation: the epoch is saved, stop before the next one.
+                if state.epoch < config['max_epoch'] and agree([stop.requested], device)[0]:
+                    raise Preempted()
+        except Preempted:
             save()
-    except Preempted:
-        save()
-        _logger.warning('Stopped by %s at epoch %d step %d; saved %s. Continue with the same command plus '
-                        '--resume auto', stop.signal_name, state.epoch, state.step, last_path)
-        return EXIT_PREEMPTED
-    finally:
-        writer.close()
+            warn_once('Stopped by %s at epoch %d step %d of %d; saved %s. Continue with the same command '
+                      'plus --resume auto', stop.reason or 'another rank', state.epoch, state.step,
+                      state.steps_per_epoch, last_path)
+            return EXIT_PREEMPTED
+        finally:
+            writer.close()
     _logger.info('Training done: best val r_mean %.2f at epoch %d', state.best_r_mean, state.best_epoch)
     return 0
 

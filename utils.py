@@ -420,12 +420,15 @@ class ProgressLogger:
         if is_main_process():
             _logger.info(self.format_line(step))
 
-    def iter(self, iterable: Iterable[Any]) -> Iterator[Any]:
-        """Yield from ``iterable``, timing each step (data + compute) and logging periodically."""
+    def iter(self, iterable: Iterable[Any], start: int = 0) -> Iterator[Any]:
+        """Yield from ``iterable``, timing each step (data + compute) and logging periodically.
+
+        ``start``: number of the first step (an epoch resumed mid-way counts on from there).
+        """
         self._start = time.time()
         tick = self._start
-        step = -1
-        for step, item in enumerate(iterable):
+        step = start - 1
+        for step, item in enumerate(iterable, start=start):
             yield item
             now = time.time()
             self.step_time.update(now - tick)
@@ -435,7 +438,7 @@ class ProgressLogger:
         total = time.time() - self._start
         if is_main_process():
             _logger.info("%s total time %s (%.3f s/it)", self.header,
-                         timedelta(seconds=int(total)), total / max(1, step + 1))
+                         timedelta(seconds=int(total)), total / max(1, step + 1 - start))
 
 
 # --------------------------------------------------------------------------- #

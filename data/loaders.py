@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Iterator, Sequence, Sized
 
 import torch
@@ -90,6 +91,18 @@ def collate_train_batch(
     return default_collate(images), list(captions), default_collate(indices)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1.
+
+    torchrun and SLURM signal the whole process group on preemption; the training process stops
+    gracefully after its current step, and its loader workers must live until then (with the spawn
+    start method the default action would kill them and fail the step; with fork they would run a
+    copy of the trainer's handler). They exit with their parent as usual.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _pin_memory() -> bool:
     return torch.cuda.is_available()
 
@@ -126,6 +139,7 @@ def create_train_loader(
         pin_memory=_pin_memory(),
         drop_last=True,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
         # Its own generator: creating an iterator must not draw from the global RNG (exact resume).
         generator=torch.Generator().manual_seed(seed),
     )
@@ -156,4 +170,5 @@ def create_eval_loader(
         num_workers=num_workers,
         pin_memory=_pin_memory(),
         drop_last=False,
+        worker_init_fn=ignore_stop_signals,
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -106,6 +107,49 @@ def find_missing_images(image_root: str, image_relpaths: Iterable[str], check_op
             except Exception:  # PIL raises many types for broken files; any of them means unusable
                 missing.append(relative)
     return missing
+
+
+# Leading bytes of the image formats datasets ship in; anything else gets a (cheap) header parse.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def image_file_problem(path: str) -> str | None:
+    """Why the file at ``path`` cannot be an image (empty, unreadable, not an image format), or None.
+
+    Reads a few bytes only: a stat and the file signature, plus a header parse (no decoding) for
+    formats not in the fast list. Corrupt pixel data is left to the full check of the prepare command.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head.startswith(_IMAGE_SIGNATURES) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP"):
+        return None
+    try:
+        with Image.open(path):  # identifies the format from the header; pixels are not decoded
+            return None
+    except Exception:  # PIL raises many types for non-images; any of them means unusable
+        return f"not an image file (starts with {head[:8]!r})"
+
+
+def find_unreadable_images(image_root: str, image_relpaths: Iterable[str], threads: int = 16) -> dict[str, str]:
+    """``{annotation image path: problem}`` for images that are missing, empty or not an image file.
+
+    Cheap enough for every image of a dataset before training (see :func:`image_file_problem`);
+    the files are checked from a few threads because network file systems reward parallel reads.
+    """
+    resolver = ImagePathResolver(image_root)
+    located = [(relative, resolver.resolve(relative)) for relative in image_relpaths]
+
+    def problem_of(item: tuple[str, str | None]) -> str | None:
+        return "missing" if item[1] is None else image_file_problem(item[1])
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        problems = list(pool.map(problem_of, located))
+    return {relative: problem for (relative, _), problem in zip(located, problems) if problem is not None}
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -33,12 +33,14 @@ def write_colour_dataset(root: str, n_train: int = 48, n_val: int = 8, n_test: i
         for i in range(count):
             colour = names[(i + {'train': 0, 'val': 3, 'test': 7}[split]) % len(names)]
             pixels = np.array(COLOURS[colour], dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
-            image_id = f'{split}{i:04d}'
-            relative = f'flickr30k-images/{image_id}.jpg'
+            name = f'{split}{i:04d}'
+            relative = f'flickr30k-images/{name}.jpg'
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(root, relative), quality=95)
             captions = [f'a {colour} {noun}.' for noun in NOUNS]
             if split == 'train':
-                records += [{'image': relative, 'caption': c, 'image_id': image_id} for c in captions]
+                # Images of one colour share an id: they are positives of each other, so the matching head's
+                # hard negatives always show another colour and there is something to learn.
+                records += [{'image': relative, 'caption': c, 'image_id': colour} for c in captions]
             else:
                 records.append({'image': relative, 'caption': captions})
             counter += 1
