@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -31,20 +31,6 @@ _logger = logging.getLogger(__name__)
 
 SCORE_FILL = -100.0
 TEXT_BATCH = 256
-
-
-class IndexedKV(Sequence):
-    """Per-layer image keys/values gathered for a batch of pairs, one layer at a time (bounded memory)."""
-
-    def __init__(self, image_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor):
-        self.image_kv, self.index = image_kv, index
-
-    def __len__(self) -> int:
-        return len(self.image_kv)
-
-    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.image_kv[layer]
-        return k.index_select(0, self.index), v.index_select(0, self.index)
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -151,6 +137,28 @@ def _image_blocks(pair_images: torch.Tensor, max_pairs: int) -> list[tuple[int, 
     return blocks
 
 
+def _chunks(pair_to_image: torch.Tensor, lengths: torch.Tensor, size: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each image's pairs (sorted by caption length) into chunks of `size`, the last one padded.
+
+    Returns (image of each chunk (C,), pair index of each slot (C, size), slot holds a real pair (C, size)).
+    """
+    images, pairs = [], []
+    for image in range(int(pair_to_image.max()) + 1 if pair_to_image.numel() else 0):
+        members = (pair_to_image == image).nonzero().flatten()
+        members = members[torch.argsort(lengths[members], stable=True)]
+        for start in range(0, members.numel(), size):
+            images.append(image)
+            pairs.append(members[start:start + size])
+    valid = torch.zeros(len(pairs), size, dtype=torch.bool)
+    padded = torch.empty(len(pairs), size, dtype=torch.long)
+    for c, members in enumerate(pairs):
+        valid[c, :members.numel()] = True
+        padded[c] = members[-1]  # padding slots repeat a real pair; their scores are dropped
+        padded[c, :members.numel()] = members
+    return torch.tensor(images, dtype=torch.long), padded, valid
+
+
 @torch.no_grad()
 def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask, k_test: int,
                 pair_batch: int = 256, autocast: Callable = None, log_every: int = 50
@@ -182,22 +190,31 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
     progress = utils.ProgressLogger(len(blocks), 'Evaluation pairs (fast)', log_every)
     began = time.time()
     for block_start, block_end in progress.iter(blocks):
-        images, texts = images_host[block_start:block_end], texts_host[block_start:block_end]
+        images = images_host[block_start:block_end]
         block_images, pair_to_image = torch.unique_consecutive(images, return_inverse=True)
         with _autocast(autocast):
             kv = model.image_kv(image_embeds[block_images.to(sims.device)])
-        order = torch.argsort(lengths_host[texts], stable=True)
-        for b in range(0, order.numel(), pair_batch):
-            pairs = order[b:b + pair_batch]
-            length = int(lengths_host[texts[pairs]].max())  # drop the padding all captions of the batch share
-            pair_texts = texts[pairs].to(sims.device, non_blocking=True)
-            pair_images = images[pairs].to(sims.device, non_blocking=True)
-            ids, mask = text_ids[pair_texts, :length], text_mask[pair_texts, :length]
-            kv_index = pair_to_image[pairs].to(sims.device, non_blocking=True)
+        # Texts that share one copy of an image's keys/values in a forward: up to an eighth of a batch.
+        chunk = max(1, min(pair_batch // 8, math.ceil(images.numel() / block_images.numel())))
+        chunk_image, chunk_pairs, chunk_valid = _chunks(pair_to_image, lengths_host[texts_host[block_start:block_end]],
+                                                        chunk)
+        chunk_length = lengths_host[texts_host[block_start + chunk_pairs]].max(dim=1).values
+        order = torch.argsort(chunk_length, stable=True)  # similar lengths together: less padding to carry
+        per_batch = max(1, pair_batch // chunk)
+        for b in range(0, order.numel(), per_batch):
+            sel = order[b:b + per_batch]
+            pairs = (block_start + chunk_pairs[sel]).flatten()  # rows grouped by image, `chunk` per image
+            length = int(chunk_length[sel].max())  # drop the padding columns all these captions share
+            pair_texts = texts_host[pairs].to(sims.device, non_blocking=True)
+            pair_images = images_host[pairs].to(sims.device, non_blocking=True)
+            kv_index = chunk_image[sel].to(sims.device, non_blocking=True)
             with _autocast(autocast):
-                logits = model.match_logits(ids, mask, image_kv=IndexedKV(kv, kv_index))
-            slots = (block_start + pairs).to(sims.device, non_blocking=True)
-            my_scores[slots] = logits[:, 1].float() + sims[pair_images, pair_texts]
+                logits = model.match_logits(text_ids[pair_texts, :length], text_mask[pair_texts, :length],
+                                            image_kv=[(k[kv_index], v[kv_index]) for k, v in kv])
+            valid = chunk_valid[sel].flatten()
+            slots = pairs[valid].to(sims.device, non_blocking=True)
+            scores = logits[:, 1].float() + sims[pair_images, pair_texts]
+            my_scores[slots] = scores[valid.to(sims.device)]
     _logger.info('Scored %d distinct pairs (of %d top-k entries) in %.1f s on this rank', my_keys.numel(),
                  keys_i2t.numel() + keys_t2i.numel(), time.time() - began)
 

@@ -60,8 +60,21 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q = self._heads(self.query(hidden))
+        """Attend from `hidden` (B, L, hidden) to `kv`, each (G, h, N, d).
+
+        G may divide B: then each key/value entry serves B // G consecutive rows (texts paired with the same
+        image), whose queries are stacked into one sequence: attention rows are independent without a mask,
+        so the result is the same as repeating the keys/values, without copying them.
+        """
+        q = self._heads(self.query(hidden))  # (B, h, L, d)
         k, v = kv
+        batch, heads, length, dim = q.shape
+        groups = k.shape[0]
+        shared = groups != batch
+        if shared:
+            if bias is not None or batch % groups:
+                raise ValueError(f'{groups} key/value entries cannot serve {batch} query rows')
+            q = q.view(groups, batch // groups, heads, length, dim).transpose(1, 2).reshape(groups, heads, -1, dim)
         dropout = self.dropout_p if self.training else 0.0
         if bias is not None:
             bias = bias.to(q.dtype)
@@ -73,8 +86,9 @@ class MultiHeadAttention(nn.Module):
                 scores = scores + bias
             probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
             out = probs @ v
-        batch, _, length, _ = out.shape
-        return out.transpose(1, 2).reshape(batch, length, -1)  # (B, L, hidden)
+        if shared:
+            out = out.view(groups, heads, batch // groups, length, dim).transpose(1, 2)
+        return out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1)  # (B, L, hidden)
 
 
 class ResidualOutput(nn.Module):

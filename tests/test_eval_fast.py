@@ -29,7 +29,7 @@ def test_fast_equals_reference_on_a_base_size_model():
     loader = [(images, None)]
     txt2img = {t: t // 3 for t in range(9)}
     img2txt = {i: [3 * i, 3 * i + 1, 3 * i + 2] for i in range(3)}
-    fast = evaluation.evaluate_scores(model, loader, captions, {'k_test': 4, 'eval_pair_batch': 5}, torch.device('cpu'))
+    fast = evaluation.evaluate_scores(model, loader, captions, {'k_test': 4, 'eval_pair_batch': 16}, torch.device('cpu'))
     ref = evaluation.evaluate_scores(model, loader, captions, {'k_test': 4, 'eval_mode': 'reference'},
                                      torch.device('cpu'))
     np.testing.assert_allclose(fast[0], ref[0], atol=1e-4)

@@ -271,3 +271,16 @@ def test_fast_training_path_equals_reference_path_on_short_captions(golden_check
     assert fast_grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_keys_values_shared_by_groups_of_texts(tiny_model, fused):
+    """One image's keys/values serving several consecutive texts equals repeating the image per text."""
+    tiny_model.text_encoder.set_fused_attn(fused)
+    ids, mask = tiny_model.tokenize(['a dog', 'two cats on a sofa', 'a car', 'people in a park', 'snow', 'a b c'])
+    ids[:, 0] = tiny_model.enc_token_id
+    with torch.no_grad():
+        embeds, _ = tiny_model.encode_image(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+        grouped = tiny_model.match_logits(ids, mask, image_kv=tiny_model.image_kv(embeds))  # 3 texts per image
+        repeated = tiny_model.match_logits(ids, mask, image_embeds=embeds.repeat_interleave(3, dim=0))
+    torch.testing.assert_close(grouped, repeated, atol=1e-6, rtol=0)
