@@ -216,8 +216,9 @@ out = model.forward_train(images, ids, mask, 0.4, idx)
 scale = 0.0 if rank == 0 else 1.0   # only rank 1's loss counts
 (out.loss_itm * scale).backward()
 grad = captured['embeds'].grad
-print(f'RANK{{rank}} grad_abs={{grad.abs().sum().item():.6g}} ptr={{int(model.ptr_queue)}} '
-      f'idx_queue={{model.idx_queue[0, :4].tolist()}}', flush=True)
+out = open(f'{out}/rank{{rank}}.txt', 'w')  # one file per rank: no interleaved stdout
+out.write(f'RANK{{rank}} grad_abs={{grad.abs().sum().item():.6g}} ptr={{int(model.ptr_queue)}} '
+          f'idx_queue={{model.idx_queue[0, :4].tolist()}}\n')
 # Sampling weights span both ranks' candidates (same-id entries zeroed).
 w = torch.zeros(2, 4)
 orig = BLIP_Retrieval.sample_hard_negatives
@@ -227,20 +228,21 @@ def spy(self, w_t2i, w_i2t):
     return orig(self, w_t2i, w_i2t)
 model.sample_hard_negatives = spy.__get__(model)
 model.forward_train(images, ids, mask, 0.4, idx)
-print(f'RANK{{rank}} weights_shape={{seen["shape"]}} zeros={{seen["zero"]}}', flush=True)
+out.write(f'RANK{{rank}} weights_shape={{seen["shape"]}} zeros={{seen["zero"]}}\n')
+out.close()
 utils.destroy_distributed()
 '''
 
 
 def test_negative_all_rank_under_torchrun(tmp_path):
     script = tmp_path / 'all_rank.py'
-    script.write_text(ALL_RANK_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, 'tests')))
+    script.write_text(ALL_RANK_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, 'tests'), out=tmp_path))
     result = run_torchrun([str(script)], nproc=2, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = {line.split()[0] + line.split()[1].split('=')[0]: line for line in result.stdout.splitlines()
-             if line.startswith('RANK')}
+    text = (tmp_path / 'rank0.txt').read_text() + (tmp_path / 'rank1.txt').read_text()
+    lines = {line.split()[0] + line.split()[1].split('=')[0]: line for line in text.splitlines()}
     # Rank 0's own loss is zeroed: its image embeddings get gradient only through rank 1's negatives.
-    assert 'grad_abs=0 ' not in lines['RANK0grad_abs'], result.stdout
+    assert 'grad_abs=0 ' not in lines['RANK0grad_abs'], text
     assert 'grad_abs=0 ' not in lines['RANK1grad_abs']
     for rank in (0, 1):
         line = lines[f'RANK{rank}grad_abs']

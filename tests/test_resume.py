@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO, TINY_KWARGS, free_port, run_torchrun
 from synthetic import write_colour_dataset
-from test_train_retrieval import base_args, tiny_options
+from test_train_retrieval import base_args, run_main_error, tiny_options
 
 import train_retrieval
 from models import BLIP_Retrieval
@@ -321,14 +321,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def run_main_error(args, caplog) -> str:
-    caplog.clear()
-    assert train_retrieval.main(args) == train_retrieval.EXIT_USER_ERROR
-    errors = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
-    assert len(errors) == 1, errors
-    return errors[0]
-
-
 @pytest.fixture
 def data(tmp_path) -> dict:
     return write_colour_dataset(str(tmp_path / 'data'), n_train=4, n_val=3, n_test=3)
