@@ -163,7 +163,6 @@ def test_bool_given_as_string_is_an_error(tmp_path: Path) -> None:
     ("k_test", "0", "'k_test' must be >= 1"),
     ("queue_size", "0", "'queue_size' must be > 0"),
     ("max_epoch", "-1", "'max_epoch' must be >= 0"),
-    ("queue_size", "100", "multiple of batch_size_train"),
     ("sha256", "abc", "64-character hex"),
 ])
 def test_bad_values_name_key_and_rule(key: str, yaml_value: str, expected: str) -> None:

@@ -338,7 +338,7 @@ def test_mistyped_config_key(tmp_path, caplog, data):
 
 def test_queue_size_not_divisible_by_the_batch(tmp_path, caplog, data):
     message = run_main_error(train_args(tmp_path) + tiny_options(data, queue_size=20), caplog)
-    assert 'queue_size' in message and 'multiple of batch_size_train (8)' in message
+    assert 'queue_size 20 is not divisible by the global batch size 8' in message and 'use queue_size=16 or 24' in message
     assert not (tmp_path / 'out').exists()
 
 

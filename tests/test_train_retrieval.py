@@ -132,6 +132,17 @@ def test_evaluate_matches_direct_computation_and_is_identical_under_two_processe
     assert (out2 / 'evaluate.txt').read_text() == (out1 / 'evaluate.txt').read_text()
 
 
+def test_evaluate_takes_a_queue_size_the_training_batch_does_not_divide(tmp_path, eval_data, golden_checkpoint):
+    """Evaluation never fills the queue: batch_size_train 7 with the checkpoint's queue_size 16 must not matter."""
+    records = []
+    for batch in (8, 7):
+        out = tmp_path / str(batch)
+        options = tiny_options(eval_data, golden_checkpoint, batch_size_train=batch)
+        assert train_retrieval.main(base_args() + ['--evaluate', '--output_dir', str(out)] + options) == 0
+        records.append(read_jsonl(out / 'evaluate.txt'))
+    assert records[0] == records[1]
+
+
 def test_k_test_larger_than_candidates_is_clamped(tmp_path, eval_data, golden_checkpoint):
     options = tiny_options(eval_data, golden_checkpoint, k_test=1000)
     assert train_retrieval.main(base_args() + ['--evaluate', '--output_dir', str(tmp_path)] + options) == 0
