@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 4,
     "precision": "tf32",
     "eval_mode": "fast",
-    "eval_pair_batch": 256,
+    "eval_pair_batch": None,  # None: 1024 on a GPU, 256 on the CPU
     "compile": False,
     "seed": None,
     "log_every": 50,
@@ -173,7 +173,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "num_workers": _as_int,
     "precision": _choice(PRECISIONS),
     "eval_mode": _choice(EVAL_MODES),
-    "eval_pair_batch": _as_int,
+    "eval_pair_batch": _optional(_as_int),
     "compile": _as_bool,
     "seed": _optional(_as_int),
     "log_every": _as_int,
@@ -193,8 +193,9 @@ def _check_range(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key '{key}' must be {rule}, got {config[key]!r}")
 
     for key in ("batch_size_train", "batch_size_test", "image_size", "queue_size",
-                "embed_dim", "eval_pair_batch", "log_every", "max_words"):
+                "embed_dim", "log_every", "max_words"):
         require(config[key] > 0, key, "> 0")
+    require(config["eval_pair_batch"] is None or config["eval_pair_batch"] > 0, "eval_pair_batch", "> 0 or null")
     for key in ("vit_ckpt_layer", "num_workers", "save_every_steps", "max_epoch",
                 "init_lr", "min_lr", "weight_decay"):
         require(config[key] >= 0, key, ">= 0")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -31,6 +32,10 @@ _logger = logging.getLogger(__name__)
 
 SCORE_FILL = -100.0
 TEXT_BATCH = 256
+TEXTS_PER_KV = 32  # texts attending to one copy of an image's keys/values (measured: 16-32 best on CPU)
+# Pairs per matching forward: a GPU needs large batches to outrun the host's kernel launches; a 2-core CPU
+# is faster with batches that stay in its caches (benchmarks/bench_eval.py --batch).
+DEFAULT_PAIR_BATCH = {'cuda': 1024, 'cpu': 256}
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -159,16 +164,83 @@ def _chunks(pair_to_image: torch.Tensor, lengths: torch.Tensor, size: int
     return torch.tensor(images, dtype=torch.long), padded, valid
 
 
+@dataclass
+class _Batch:
+    slots: slice    # its rows in the plan's slot arrays: `chunk` consecutive rows per image
+    chunks: slice   # its entries in `chunk_image`: which of the block's images each chunk attends to
+    length: int     # token columns kept: its longest caption (the padding all its captions share goes)
+
+
+@dataclass
+class _Block:
+    images: slice   # its entries in the plan's `block_images`: the images whose keys/values its batches share
+    batches: list[_Batch]
+
+
+@dataclass
+class _Plan:
+    """The whole schedule of the fast path, built on the host before any scoring.
+
+    Its index tensors go to the device once, so the scoring loop never waits for the device (a host-side
+    index per batch would stall the GPU queue at every forward).
+    """
+    blocks: list[_Block]
+    block_images: torch.Tensor  # (I,) images of every block, in block order
+    slot_pair: torch.Tensor    # (S,) pair scored in each slot (padding slots repeat a real pair)
+    chunk_image: torch.Tensor  # (C,) index into its block's images
+    real_slots: torch.Tensor   # (P,) the slot that holds each pair, in pair order
+
+
+def _plan(pair_images: torch.Tensor, pair_lengths: torch.Tensor, pair_batch: int) -> _Plan:
+    """Blocks of whole images (about 4 batches each), their pairs in chunks per image, chunks in batches.
+
+    `pair_images` must be sorted. Chunks of similar caption length go in the same batch: less padding.
+    """
+    blocks, all_images, slot_pair, chunk_image = [], [], [], []
+    real_slots = torch.empty(pair_images.numel(), dtype=torch.long)
+    n_images = n_slots = n_chunks = 0
+    for block_start, block_end in _image_blocks(pair_images, max_pairs=4 * pair_batch):
+        block_images, pair_to_image = torch.unique_consecutive(pair_images[block_start:block_end],
+                                                               return_inverse=True)
+        # Texts that share one copy of an image's keys/values in a forward: few enough that chunks of one length
+        # form (an image's pairs are sorted by length), at most an eighth of a batch.
+        chunk = max(1, min(TEXTS_PER_KV, pair_batch // 8,
+                           math.ceil((block_end - block_start) / block_images.numel())))
+        images, pairs, valid = _chunks(pair_to_image, pair_lengths[block_start:block_end], chunk)
+        lengths = pair_lengths[block_start + pairs].max(dim=1).values
+        order = torch.argsort(lengths, stable=True)
+        per_batch = max(1, pair_batch // chunk)
+        batches = []
+        for b in range(0, order.numel(), per_batch):
+            sel = order[b:b + per_batch]
+            rows, n = block_start + pairs[sel].flatten(), sel.numel()
+            slot_pair.append(rows)
+            chunk_image.append(images[sel])
+            slots = torch.arange(n_slots, n_slots + rows.numel())
+            real_slots[rows[valid[sel].flatten()]] = slots[valid[sel].flatten()]
+            batches.append(_Batch(slice(n_slots, n_slots + rows.numel()), slice(n_chunks, n_chunks + n),
+                                  int(lengths[sel].max())))
+            n_slots, n_chunks = n_slots + rows.numel(), n_chunks + n
+        blocks.append(_Block(slice(n_images, n_images + block_images.numel()), batches))
+        all_images.append(block_images)
+        n_images += block_images.numel()
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)
+    return _Plan(blocks, cat(all_images), cat(slot_pair), cat(chunk_image), real_slots)
+
+
 @torch.no_grad()
 def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask, k_test: int,
-                pair_batch: int = 256, autocast: Callable = None, log_every: int = 50
+                pair_batch: Optional[int] = None, autocast: Callable = None, log_every: int = 50
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every distinct top-k pair of both directions scored once.
 
     Pairs are sorted by image and cut into blocks of whole images; each block's cross-attention keys/values
-    are computed once, then its pairs run in batches of `pair_batch`, sorted by caption length so that
-    each batch drops the padding columns all its captions share (exact: padding is masked out).
+    are computed once, then its pairs run in batches of `pair_batch`, the texts of one image attending to
+    one copy of its keys/values, sorted by caption length so that each batch drops the padding columns all
+    its captions share (exact: padding is masked out).
     """
+    device = image_feat.device
+    pair_batch = pair_batch or DEFAULT_PAIR_BATCH.get(device.type, 1024)
     sims = image_feat @ text_feat.t()
     n_images, n_texts = sims.shape
     k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)
@@ -176,45 +248,31 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
     top_t2i = sims.t().topk(k_t2i, dim=1).indices        # (T, k): images of each text
 
     # Distinct pairs as flat keys image * T + text, sorted: the pairs of one image are adjacent.
-    keys_i2t = (torch.arange(n_images, device=sims.device)[:, None] * n_texts + top_i2t).flatten()
-    keys_t2i = (top_t2i * n_texts + torch.arange(n_texts, device=sims.device)[:, None]).flatten()
+    keys_i2t = (torch.arange(n_images, device=device)[:, None] * n_texts + top_i2t).flatten()
+    keys_t2i = (top_t2i * n_texts + torch.arange(n_texts, device=device)[:, None]).flatten()
     pair_keys = torch.unique(torch.cat([keys_i2t, keys_t2i]))
     start, end = shard_range(pair_keys.numel(), utils.get_rank(), utils.get_world_size())  # equal shares
-    my_keys = pair_keys[start:end]
-    # Block and batch bookkeeping on the host, so the loop never waits on the device.
-    images_host, texts_host = (my_keys // n_texts).cpu(), (my_keys % n_texts).cpu()
-    lengths_host = text_mask.sum(dim=1).cpu()
+    my_keys = pair_keys[start:end].cpu()
+    pair_images, pair_texts = my_keys // n_texts, my_keys % n_texts
+    plan = _plan(pair_images, text_mask.sum(dim=1).cpu()[pair_texts], pair_batch)
+    slot_texts = pair_texts[plan.slot_pair].to(device)
+    slot_images = pair_images[plan.slot_pair].to(device)
+    chunk_image, block_images = plan.chunk_image.to(device), plan.block_images.to(device)
 
-    my_scores = torch.empty(my_keys.numel(), device=sims.device)
-    blocks = _image_blocks(images_host, max_pairs=4 * pair_batch)
-    progress = utils.ProgressLogger(len(blocks), 'Evaluation pairs (fast)', log_every)
+    slot_logits = torch.empty(plan.slot_pair.numel(), device=device)
+    progress = utils.ProgressLogger(len(plan.blocks), 'Evaluation pairs (fast)', log_every)
     began = time.time()
-    for block_start, block_end in progress.iter(blocks):
-        images = images_host[block_start:block_end]
-        block_images, pair_to_image = torch.unique_consecutive(images, return_inverse=True)
+    for block in progress.iter(plan.blocks):
         with _autocast(autocast):
-            kv = model.image_kv(image_embeds[block_images.to(sims.device)])
-        # Texts that share one copy of an image's keys/values in a forward: up to an eighth of a batch.
-        chunk = max(1, min(pair_batch // 8, math.ceil(images.numel() / block_images.numel())))
-        chunk_image, chunk_pairs, chunk_valid = _chunks(pair_to_image, lengths_host[texts_host[block_start:block_end]],
-                                                        chunk)
-        chunk_length = lengths_host[texts_host[block_start + chunk_pairs]].max(dim=1).values
-        order = torch.argsort(chunk_length, stable=True)  # similar lengths together: less padding to carry
-        per_batch = max(1, pair_batch // chunk)
-        for b in range(0, order.numel(), per_batch):
-            sel = order[b:b + per_batch]
-            pairs = (block_start + chunk_pairs[sel]).flatten()  # rows grouped by image, `chunk` per image
-            length = int(chunk_length[sel].max())  # drop the padding columns all these captions share
-            pair_texts = texts_host[pairs].to(sims.device, non_blocking=True)
-            pair_images = images_host[pairs].to(sims.device, non_blocking=True)
-            kv_index = chunk_image[sel].to(sims.device, non_blocking=True)
+            kv = model.image_kv(image_embeds[block_images[block.images]])
+        for batch in block.batches:
+            texts, kv_index = slot_texts[batch.slots], chunk_image[batch.chunks]
             with _autocast(autocast):
-                logits = model.match_logits(text_ids[pair_texts, :length], text_mask[pair_texts, :length],
+                logits = model.match_logits(text_ids[texts, :batch.length], text_mask[texts, :batch.length],
                                             image_kv=[(k[kv_index], v[kv_index]) for k, v in kv])
-            valid = chunk_valid[sel].flatten()
-            slots = pairs[valid].to(sims.device, non_blocking=True)
-            scores = logits[:, 1].float() + sims[pair_images, pair_texts]
-            my_scores[slots] = scores[valid.to(sims.device)]
+            slot_logits[batch.slots] = logits[:, 1].float()
+    slot_scores = slot_logits + sims[slot_images, slot_texts]
+    my_scores = slot_scores[plan.real_slots.to(device)]
     _logger.info('Scored %d distinct pairs (of %d top-k entries) in %.1f s on this rank', my_keys.numel(),
                  keys_i2t.numel() + keys_t2i.numel(), time.time() - began)
 
@@ -242,7 +300,7 @@ def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch
     if config.get('eval_mode', 'fast') == 'reference':
         i2t, t2i = reference_scores(*args, autocast=autocast, log_every=log_every)
     else:
-        i2t, t2i = fast_scores(*args, pair_batch=config.get('eval_pair_batch', 256), autocast=autocast,
+        i2t, t2i = fast_scores(*args, pair_batch=config.get('eval_pair_batch'), autocast=autocast,
                                log_every=log_every)
     _logger.info('Evaluation time %.1f s', time.time() - began)
     return i2t.cpu().numpy(), t2i.cpu().numpy()
