@@ -623,6 +623,7 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
             state = load_resume_state(checkpoint, last_path, model, optimizer, config, rank, world_size)
             del checkpoint
     autocast = utils.configure_precision(config['precision'], device)
+    torch.backends.cudnn.benchmark = True  # as the original: fixed image shapes, the fastest patch-embed conv
     if config['compile']:
         model.visual_encoder.compile()
         model.text_encoder.compile()

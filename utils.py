@@ -177,16 +177,22 @@ def barrier() -> None:
 # Collectives
 # --------------------------------------------------------------------------- #
 @torch.no_grad()
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+def all_gather_cat(t: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
     """Concatenate ``t`` from every rank along dim 0 (rank order), without gradients.
 
     First dims may differ across ranks: sizes are gathered first, every rank pads
-    to the largest size, and padding is trimmed after the gather.
+    to the largest size, and padding is trimmed after the gather. ``equal_sizes=True``
+    (every rank passes the same shape, as in a training step) skips that exchange and
+    its wait for the device.
     """
     world_size = get_world_size()
     if world_size == 1:
         return t
     t = t.detach().contiguous()
+    if equal_sizes:
+        gathered = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(gathered, t)
+        return torch.cat(gathered, dim=0)
     local_size = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
     sizes = [torch.zeros_like(local_size) for _ in range(world_size)]
     dist.all_gather(sizes, local_size)

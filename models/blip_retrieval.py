@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -104,13 +105,13 @@ class BLIP_Retrieval(nn.Module):
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> image tokens (B, 1+P, D) and normalized contrastive features (B, embed_dim)."""
         image_embeds = self.visual_encoder(image)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        image_feat = F.normalize(fp32_head(self.vision_proj, image_embeds[:, 0, :]), dim=-1)
         return image_embeds, image_feat
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Normalized contrastive text features (B, embed_dim), text encoder without the image."""
         hidden = self.text_encoder(input_ids, attention_mask)
-        return F.normalize(self.text_proj(hidden[:, 0, :]), dim=-1)
+        return F.normalize(fp32_head(self.text_proj, hidden[:, 0, :]), dim=-1)
 
     def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer cross-attention keys/values of image tokens, to reuse across texts."""
@@ -121,7 +122,7 @@ class BLIP_Retrieval(nn.Module):
                      image_kv: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
         """Image-text matching logits (B, 2) (class 1 = match); ids must start with `[ENC]`."""
         hidden = self.text_encoder(itm_input_ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv)
-        return self.itm_head(hidden[:, 0, :])
+        return fp32_head(self.itm_head, hidden[:, 0, :])
 
     # ------------------------------------------------------------------ training
     def forward(self, image: torch.Tensor, caption, alpha: float, idx: torch.Tensor
@@ -145,9 +146,9 @@ class BLIP_Retrieval(nn.Module):
         targets = same_id_targets(idx, torch.cat([idx, self.idx_queue[0]]))
         with torch.no_grad():
             self.momentum_update()
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(image)[:, 0, :]), dim=-1)
+            image_feat_m = F.normalize(fp32_head(self.vision_proj_m, self.visual_encoder_m(image)[:, 0, :]), dim=-1)
             text_hidden_m = self.text_encoder_m(input_ids, attention_mask)
-            text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0, :]), dim=-1)
+            text_feat_m = F.normalize(fp32_head(self.text_proj_m, text_hidden_m[:, 0, :]), dim=-1)
             image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
             text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
             targets_i2t = distilled_targets(image_feat_m @ text_feat_m_all / self.temp, targets, alpha)
@@ -156,7 +157,7 @@ class BLIP_Retrieval(nn.Module):
         sim_t2i = text_feat @ image_feat_m_all / self.temp
         loss_ita = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
 
-        idx_world = utils.all_gather_cat(idx)
+        idx_world = utils.all_gather_cat(idx, equal_sizes=True)
         self.enqueue(image_feat_m, text_feat_m, idx_world)
 
         itm_logits, neg_image_idx, neg_text_idx = self._itm_logits(
@@ -169,10 +170,11 @@ class BLIP_Retrieval(nn.Module):
         batch = image_embeds.shape[0]
         itm_ids = with_enc_token(input_ids, self.enc_token_id)
         all_rank = self.negative_all_rank and utils.get_world_size() > 1
+        gather = partial(utils.all_gather_cat, equal_sizes=True)  # every rank trains on a batch of one shape
         with torch.no_grad():
             if all_rank:
                 same_id = idx[:, None] == idx_world[None, :]
-                text_feat_cands, image_feat_cands = utils.all_gather_cat(text_feat), utils.all_gather_cat(image_feat)
+                text_feat_cands, image_feat_cands = gather(text_feat), gather(image_feat)
             else:
                 same_id = idx[:, None] == idx[None, :]
                 text_feat_cands, image_feat_cands = text_feat, image_feat
@@ -182,7 +184,7 @@ class BLIP_Retrieval(nn.Module):
 
         if all_rank:  # negatives may live on other ranks: gather (gradients flow back to their owner)
             image_embeds_cands = utils.all_gather_with_grad(image_embeds)
-            ids_cands, mask_cands = utils.all_gather_cat(itm_ids), utils.all_gather_cat(attention_mask)
+            ids_cands, mask_cands = gather(itm_ids), gather(attention_mask)
         else:
             image_embeds_cands, ids_cands, mask_cands = image_embeds, itm_ids, attention_mask
         neg_ids, neg_mask = ids_cands[neg_text_idx], mask_cands[neg_text_idx]
@@ -235,8 +237,8 @@ class BLIP_Retrieval(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx_world: torch.Tensor) -> None:
         """Write the momentum features of all ranks at the queue pointer and advance it."""
-        image_feats = utils.all_gather_cat(image_feat_m)
-        text_feats = utils.all_gather_cat(text_feat_m)
+        image_feats = utils.all_gather_cat(image_feat_m, equal_sizes=True)
+        text_feats = utils.all_gather_cat(text_feat_m, equal_sizes=True)
         batch = image_feats.shape[0]
         if self.queue_size % batch:
             raise ValueError(f'queue_size {self.queue_size} must be divisible by the global batch size {batch}')
@@ -252,6 +254,16 @@ class BLIP_Retrieval(nn.Module):
             return self.tokenize(caption)
         input_ids, attention_mask = caption
         return input_ids, attention_mask
+
+
+def fp32_head(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A small output layer in fp32, even under bf16 autocast (costs nothing next to the encoders).
+
+    Its outputs are compared with each other: contrastive similarities and matching logits rank the candidates,
+    and bf16's 8-bit mantissa would round them to about 3 digits, enough to reorder near-ties.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return head(x.float())
 
 
 def _bert_config(med_config: Union[str, Mapping, BertConfig], vision_width: int) -> BertConfig:

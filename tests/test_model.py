@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import FIXTURES, REPO, TINY_KWARGS, VOCAB, run_torchrun
 from models import BLIP_Retrieval, blip_retrieval
 from models.checkpoint import CheckpointError, read_checkpoint
+from models.tokenizer import with_enc_token
 
 ATOL = 1e-5
 
@@ -286,3 +287,18 @@ def test_keys_values_shared_by_groups_of_texts(tiny_model, fused):
         grouped = tiny_model.match_logits(ids, mask, image_kv=tiny_model.image_kv(embeds))  # 3 texts per image
         repeated = tiny_model.match_logits(ids, mask, image_embeds=embeds.repeat_interleave(3, dim=0))
     torch.testing.assert_close(grouped, repeated, atol=1e-6, rtol=0)
+
+
+def test_output_heads_run_in_fp32_under_bf16_autocast(tiny_model, golden):
+    """Similarities and matching logits are ranked: their layers stay fp32 when the encoders run in bf16."""
+    ids, mask = tiny_model.tokenize(golden['captions'][:2])
+    images = torch.tensor(golden['images'][:2])
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        image_embeds, image_feat = tiny_model.encode_image(images)
+        text_feat = tiny_model.encode_text(ids, mask)
+        logits = tiny_model.match_logits(with_enc_token(ids, tiny_model.enc_token_id), mask, image_embeds)
+        hidden = tiny_model.text_encoder(ids, mask)
+    assert image_feat.dtype == text_feat.dtype == logits.dtype == torch.float32
+    with torch.no_grad():
+        exact = F.normalize(tiny_model.text_proj(hidden[:, 0, :].float()), dim=-1)
+    torch.testing.assert_close(text_feat, exact, atol=1e-6, rtol=0)  # no bf16 rounding after the encoder

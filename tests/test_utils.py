@@ -252,6 +252,9 @@ _WORKER = textwrap.dedent("""
         out[f"cat{i}"] = gathered.tolist()
         out[f"cat{i}_requires_grad"] = gathered.requires_grad
 
+    equal = torch.tensor([[rank, 0.0], [rank, 1.0]], requires_grad=True)
+    out["cat_equal"] = utils.all_gather_cat(equal, equal_sizes=True).tolist()
+
     # Each rank owns 2 rows of ones; rank r weights gathered row i by (r + 1) * (i + 1).
     # Summed over ranks, d(loss)/d(row i) = (1 + 2) * (i + 1), whichever rank owns row i.
     x = torch.ones(2, 3, requires_grad=True)
@@ -303,6 +306,7 @@ def test_two_process_collectives_under_torchrun(tmp_path: Path) -> None:
         assert res["cat0"] == [[0, 0, 7], [1, 0, 7], [1, 1, 7], [1, 2, 7]]
         assert res["cat1"] == [[0, 0, 7], [0, 1, 7], [0, 2, 7]]
         assert res["cat0_requires_grad"] is False
+        assert res["cat_equal"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
         assert res["gathered"] == [[1] * 3, [1] * 3, [2] * 3, [2] * 3]
         assert res["sum"] == [3.0]
         assert res["bcast"] == {"from": 0}
