@@ -18,11 +18,48 @@ import logging
 import numpy as np
 import torch
 
-from common import (Timer, add_common_args, build_model, peak_memory, random_images, random_texts,
-                    reset_peak)
+from common import (Timer, add_common_args, build_model, peak_memory, profile_table, random_images,
+                    random_texts, reset_peak)
 
 import evaluation
 import utils
+
+
+@torch.no_grad()
+def features(model, images, text_ids, text_mask, autocast, image_batch: int):
+    """(image tokens, image features, text features) of the benchmark's inputs."""
+    device = text_ids.device
+    embeds, feats = [], []
+    for i in range(0, images.shape[0], image_batch):
+        with evaluation._autocast(autocast):
+            e, f = model.encode_image(images[i:i + image_batch].to(device))
+        embeds.append(e)
+        feats.append(f.float())
+    with evaluation._autocast(autocast):
+        text_feat = torch.cat([model.encode_text(text_ids[i:i + 256], text_mask[i:i + 256]).float()
+                               for i in range(0, text_ids.shape[0], 256)])
+    return torch.cat(embeds), torch.cat(feats), text_feat
+
+
+def compare_with_fp32(args, model, images, text_ids, text_mask, itm_ids, scores) -> None:
+    """Everything again in fp32 (features included): largest score difference and recall on both.
+
+    Recall uses a made-up ground truth (text t belongs to image t * images // texts): with random weights
+    it is near chance, but any ranking that the lower precision changes shows up as a different metric.
+    """
+    utils.configure_precision('fp32', text_ids.device)
+    image_embeds, image_feat, text_feat = features(model, images, text_ids, text_mask, None, args.image_batch)
+    fp32 = evaluation.fast_scores(model, image_embeds, image_feat, text_feat, itm_ids, text_mask, args.k_test,
+                                  pair_batch=args.batch, log_every=10**9)
+    n_images, n_texts = images.shape[0], text_ids.shape[0]
+    txt2img = {t: t * n_images // n_texts for t in range(n_texts)}
+    img2txt = {i: [t for t in range(n_texts) if txt2img[t] == i] for i in range(n_images)}
+    recalls = [evaluation.recall_metrics(i2t.cpu().numpy(), t2i.cpu().numpy(), txt2img, img2txt)
+               for i2t, t2i in (scores, fp32)]
+    diff = max(((low - high).abs() * ((low > -100) & (high > -100))).max().item() for low, high in zip(scores, fp32))
+    print(f'{args.precision} vs fp32: max_abs_diff {diff:.3g} over entries scored in both, recall identical '
+          f'{recalls[0] == recalls[1]} (r_mean {recalls[0]["r_mean"]:.2f} vs {recalls[1]["r_mean"]:.2f})', flush=True)
+    utils.configure_precision(args.precision, text_ids.device)
 
 
 def main() -> None:
@@ -31,10 +68,14 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=16)
     parser.add_argument('--texts', type=int, default=80)
     parser.add_argument('--k_test', type=int, default=16)
-    parser.add_argument('--batch', type=int, default=256, help='pairs per forward in the fast path')
+    parser.add_argument('--batch', type=int, default=None,
+                        help='pairs per forward in the fast path (eval_pair_batch; default 1024 on GPU, 256 on CPU)')
     parser.add_argument('--image_batch', type=int, default=64)
     parser.add_argument('--reference_fraction', type=float, default=1.0)
     parser.add_argument('--skip_reference', action='store_true')
+    parser.add_argument('--compare_fp32', action='store_true',
+                        help='also run the fast path in fp32: score difference and recall vs --precision')
+    parser.add_argument('--profile', action='store_true', help='print the top operators of the fast path (run again)')
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
@@ -45,17 +86,8 @@ def main() -> None:
     text_ids, text_mask = random_texts(args.texts, device, args.seed + 1)
     itm_ids = text_ids.clone()
     itm_ids[:, 0] = model.enc_token_id
-    with torch.no_grad(), Timer(device) as t_feat:
-        embeds, feats = [], []
-        for i in range(0, args.images, args.image_batch):
-            with evaluation._autocast(autocast):
-                e, f = model.encode_image(images[i:i + args.image_batch].to(device))
-            embeds.append(e)
-            feats.append(f.float())
-        image_embeds, image_feat = torch.cat(embeds), torch.cat(feats)
-        with evaluation._autocast(autocast):
-            text_feat = torch.cat([model.encode_text(text_ids[i:i + 256], text_mask[i:i + 256]).float()
-                                   for i in range(0, args.texts, 256)])
+    with Timer(device) as t_feat:
+        image_embeds, image_feat, text_feat = features(model, images, text_ids, text_mask, autocast, args.image_batch)
     k = args.k_test
     entries = args.images * min(k, args.texts) + args.texts * min(k, args.images)
     inputs = (model, image_embeds, image_feat, text_feat, itm_ids, text_mask, k)
@@ -69,6 +101,11 @@ def main() -> None:
                                                     log_every=10**9)
     print(f'fast:      wall {t_fast.seconds:8.2f} s  {entries / t_fast.seconds:10.1f} entries/s  '
           f'{peak_memory(device)}', flush=True)
+    if args.profile:
+        print(profile_table(lambda: evaluation.fast_scores(*inputs, pair_batch=args.batch, autocast=autocast,
+                                                           log_every=10**9), device), flush=True)
+    if args.compare_fp32:
+        compare_with_fp32(args, model, images, text_ids, text_mask, itm_ids, (fast_i2t, fast_t2i))
     if args.skip_reference:
         return
 

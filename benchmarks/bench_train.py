@@ -7,6 +7,7 @@ fast:            padding trimmed, image keys/values shared by the three matching
 
     python benchmarks/bench_train.py --vit base --batch 4 --steps 3 --device cpu
     python benchmarks/bench_train.py --vit base --batch 32 --precision bf16
+    python benchmarks/bench_train.py --variants straightforward:fp32,straightforward:bf16,fast:fp32,fast:bf16 --profile
 
 The last line is `speedup <ratio>x max_abs_diff <value>`: the ratio of samples/s, and the largest difference
 of (loss_ita, loss_itm) of one step in eval mode (dropout off) from the same weights, with --precision.
@@ -18,8 +19,8 @@ import logging
 
 import torch
 
-from common import (Timer, add_common_args, build_model, peak_memory, random_images, random_texts,
-                    reset_peak)
+from common import (Timer, add_common_args, build_model, peak_memory, profile_table, random_images,
+                    random_texts, reset_peak)
 
 import utils
 
@@ -49,6 +50,19 @@ def one_step_losses(model, batch, autocast) -> torch.Tensor:
         return torch.stack(model(images, (ids, mask), 0.4, idx)).float()
 
 
+def parse_variants(text: str, precision: str) -> list[tuple[str, str]]:
+    """'straightforward:fp32,fast:bf16' -> [(path, precision), ...]; the default compares the two ends."""
+    if not text:
+        return [('straightforward', 'fp32'), ('fast', precision)]
+    variants = []
+    for item in text.split(','):
+        path, _, prec = item.partition(':')
+        if path not in ('straightforward', 'fast') or prec not in ('fp32', 'tf32', 'bf16'):
+            raise SystemExit(f'--variants: {item!r} is not <straightforward|fast>:<fp32|tf32|bf16>')
+        variants.append((path, prec))
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -58,9 +72,14 @@ def main() -> None:
     parser.add_argument('--grad_ckpt_layers', type=int, default=0,
                         help='ViT blocks to checkpoint (the flickr config uses 4 for base)')
     parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--variants', default='',
+                        help='comma-separated path:precision runs, e.g. straightforward:fp32,fast:fp32,fast:bf16 '
+                             '(which change makes the difference); the speedup compares the first and the last')
+    parser.add_argument('--profile', action='store_true', help='print the top operators of 2 steps of each run')
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
+    variants = parse_variants(args.variants, args.precision)
 
     model = build_model(args, queue_size=args.batch * 64, grad_ckpt=args.grad_ckpt_layers > 0,
                         ckpt_layer=args.grad_ckpt_layers)
@@ -74,12 +93,12 @@ def main() -> None:
           f'({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), '
           f'{args.steps} timed steps after {args.warmup} warm-up', flush=True)
 
-    results = {}
-    for name in ('straightforward', 'fast'):
+    results = []
+    for path, precision in variants:
         model.load_state_dict(initial)
-        fast = name == 'fast'
+        fast = path == 'fast'
         model.fast_path = fast
-        autocast = utils.configure_precision(args.precision if fast else 'fp32', device)
+        autocast = utils.configure_precision(precision, device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=fast and device.type == 'cuda')
         losses = one_step_losses(model, batches[0], autocast)
@@ -89,13 +108,15 @@ def main() -> None:
             model.text_encoder.compile()
         reset_peak(device)
         per_step = run_steps(model, optimizer, batches, autocast, args.steps, args.warmup, device)
-        results[name] = (per_step, losses)
-        precision = args.precision if fast else 'fp32'
-        print(f'{name:15s} {precision}: {per_step:8.3f} s/step  {args.batch / per_step:8.2f} samples/s  '
+        results.append((per_step, losses))
+        print(f'{path:15s} {precision}: {per_step:8.3f} s/step  {args.batch / per_step:8.2f} samples/s  '
               f'{peak_memory(device)}  losses {losses.tolist()}', flush=True)
+        if args.profile:
+            print(profile_table(lambda: run_steps(model, optimizer, batches, autocast, 2, 0, device), device),
+                  flush=True)
         del optimizer
-    diff = (results['fast'][1] - results['straightforward'][1]).abs().max().item()
-    print(f'speedup {results["straightforward"][0] / results["fast"][0]:.2f}x max_abs_diff {diff:.3g}', flush=True)
+    diff = (results[-1][1] - results[0][1]).abs().max().item()
+    print(f'speedup {results[0][0] / results[-1][0]:.2f}x max_abs_diff {diff:.3g}', flush=True)
 
 
 if __name__ == '__main__':

@@ -27,6 +27,7 @@ def add_common_args(parser) -> None:
 
 
 def build_model(args, queue_size: int = 57600, grad_ckpt: bool = False, ckpt_layer: int = 0) -> BLIP_Retrieval:
+    torch.backends.cudnn.benchmark = True  # as train_retrieval.py (and the original), for both paths
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # random init on the device: seconds instead of a minute on the CPU
         model = BLIP_Retrieval(med_config=os.path.join(REPO, 'configs', 'med_config.json'), image_size=args.image_size,
@@ -79,3 +80,17 @@ class Timer:
     def __exit__(self, *exc):
         synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
+
+
+def profile_table(fn, device, rows: int = 25) -> str:
+    """The operators that took the most time while running `fn()` (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.device(device).type == 'cuda'
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        synchronize(device)
+    averages = prof.key_averages()
+    sort_by = 'self_cpu_time_total'
+    if cuda:
+        sort_by = 'self_device_time_total' if hasattr(averages[0], 'self_device_time_total') else 'self_cuda_time_total'
+    return averages.table(sort_by=sort_by, row_limit=rows)

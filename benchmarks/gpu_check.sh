@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: the CUDA tests, then both benchmarks at Flickr 1K-test size.
-# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh   (logs go to $OUT)
+# One prepared run on a GPU machine (about 9 minutes on an H200), most important first; every step writes its
+# own log to $OUT, so whatever finished comes back even if a later step runs out of time.
+#   1. the CUDA tests (golden numbers, fast == reference, bf16 recall, a torchrun evaluate)
+#   2. evaluation at Flickr 1K-test size (1,000 images, 5,000 texts, k_test 128): bf16 (+ fp32 check), tf32
+#   3. one fine-tuning step, batch 32: straightforward vs fast, each in fp32 and bf16 (which change costs what)
+#   4. operator profiles of the fast paths (bf16), for whatever is still slow
+# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt
+  local name=$1 seconds=$2; shift 2
+  echo "== $name: $*" | tee "$OUT/$name.txt"
+  timeout "$seconds" "$@" >> "$OUT/$name.txt" 2>&1
+  echo "== $name exit $?" | tee -a "$OUT/$name.txt"
+  tail -4 "$OUT/$name.txt"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 120 python3 -m pytest -q -s tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT/test_cuda.txt"
-for p in bf16 tf32; do
-  timeout 150 python3 benchmarks/bench_eval.py --images 1000 --texts 5000 --k_test 128 --precision $p \
-    --reference_fraction 0.005 2>&1 | tee -a "$OUT/bench_eval.txt"
-done
-for p in bf16 tf32; do
-  timeout 120 python3 benchmarks/bench_train.py --batch 32 --steps 5 --warmup 2 --grad_ckpt_layers 4 --precision $p \
-    2>&1 | tee -a "$OUT/bench_train.txt"
-done
+step test_cuda 150 python3 -m pytest -q -s tests/test_cuda.py
+FULL="--images 1000 --texts 5000 --k_test 128 --reference_fraction 0.005"
+step eval_bf16 150 python3 benchmarks/bench_eval.py $FULL --precision bf16 --compare_fp32
+step eval_tf32 100 python3 benchmarks/bench_eval.py $FULL --precision tf32
+step train 120 python3 benchmarks/bench_train.py --batch 32 --steps 5 --warmup 2 --grad_ckpt_layers 4 \
+  --variants straightforward:fp32,straightforward:bf16,fast:fp32,fast:bf16
+step train_profile 60 python3 benchmarks/bench_train.py --batch 32 --steps 2 --warmup 2 --grad_ckpt_layers 4 \
+  --variants fast:bf16 --profile
+step eval_profile 60 python3 benchmarks/bench_eval.py --images 100 --texts 500 --k_test 128 --precision bf16 \
+  --skip_reference --profile
