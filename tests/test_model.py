@@ -302,3 +302,22 @@ def test_output_heads_run_in_fp32_under_bf16_autocast(tiny_model, golden):
     with torch.no_grad():
         exact = F.normalize(tiny_model.text_proj(hidden[:, 0, :].float()), dim=-1)
     torch.testing.assert_close(text_feat, exact, atol=1e-6, rtol=0)  # no bf16 rounding after the encoder
+
+
+def test_compiled_encoders_match_golden(tiny_model, golden):
+    """`compile: true` (torch.compile of both encoders, as train_retrieval does) changes no number (about 1 min)."""
+    import evaluation
+    tiny_model.visual_encoder.compile()
+    tiny_model.text_encoder.compile()
+    loader = [(t(golden['images']), None)]
+    i2t, t2i = evaluation.evaluate_scores(tiny_model, loader, golden['captions'], {'k_test': golden['k_test']},
+                                          torch.device('cpu'))
+    torch.testing.assert_close(torch.from_numpy(i2t), t(golden['score_matrix_i2t']), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(t2i), t(golden['score_matrix_t2i']), atol=ATOL, rtol=0)
+    out, ref = _train_forward(tiny_model, golden, inject_negatives=True)
+    assert out.loss_ita.item() == pytest.approx(ref['loss_ita'], abs=ATOL)
+    assert out.loss_itm.item() == pytest.approx(ref['loss_itm'], abs=ATOL)
+    (out.loss_ita + out.loss_itm).backward()
+    params = dict(tiny_model.named_parameters())
+    for name, grad in ref['grads'].items():
+        torch.testing.assert_close(params[name].grad, t(grad), atol=ATOL, rtol=1e-5)
