@@ -19,6 +19,7 @@ import torch
 
 from conftest import REPO
 
+import run_state
 import train_retrieval
 from data import demo
 from evaluation import recall_metrics
@@ -77,7 +78,7 @@ def test_demo_finetune_learns(tmp_path, monkeypatch, one_thread):
     data, out = tmp_path / 'demo_data', tmp_path / 'run'
     trace_prefix = str(tmp_path / 'trace')
     monkeypatch.setenv(train_retrieval.STEP_TRACE_ENV, trace_prefix)
-    monkeypatch.delenv(train_retrieval.STOP_AFTER_STEPS_ENV, raising=False)
+    monkeypatch.delenv(run_state.STOP_AFTER_STEPS_ENV, raising=False)
     argv = ['--config', CONFIG, '--device', 'cpu', '--seed', str(SEED), '--output_dir', str(out),
             '--options', f'image_root={data}', f'tokenizer={data / demo.VOCAB_FILENAME}',
             f'max_epoch={EPOCHS}', 'tensorboard=False']

@@ -22,6 +22,7 @@ from conftest import REPO, TINY_KWARGS, free_port, run_torchrun
 from synthetic import write_colour_dataset
 from test_train_retrieval import base_args, run_main_error, tiny_options
 
+import run_state
 import train_retrieval
 from models import BLIP_Retrieval
 
@@ -281,7 +282,7 @@ def test_tampered_checkpoint_is_refused_by_resume_and_by_pretrained(tmp_path, ca
     data = write_colour_dataset(str(tmp_path / 'data'), n_train=4, n_val=2, n_test=2)
     marker = tmp_path / 'payload_ran'
     evil = tmp_path / 'checkpoint_last.pth'
-    looks_valid = {key: 0 for key in train_retrieval.RESUME_KEYS}
+    looks_valid = {key: 0 for key in run_state.RESUME_KEYS}
     looks_valid.update(model={'temp': torch.ones(1)}, config={}, best_test={}, train_meters={})
     torch.save({**looks_valid, 'payload': _MkdirOnLoad(str(marker))}, evil)
     out = tmp_path / 'out'
