@@ -112,7 +112,7 @@ def main() -> None:
         print(f'{path:15s} {precision}: {per_step:8.3f} s/step  {args.batch / per_step:8.2f} samples/s  '
               f'{peak_memory(device)}  losses {losses.tolist()}', flush=True)
         if args.profile:
-            print(profile_table(lambda: run_steps(model, optimizer, batches, autocast, 2, 0, device), device),
+            print(profile_table(lambda opt=optimizer: run_steps(model, opt, batches, autocast, 2, 0, device), device),
                   flush=True)
         del optimizer
     diff = (results[-1][1] - results[0][1]).abs().max().item()
