@@ -180,6 +180,30 @@ def test_two_process_finetune_learns_and_best_checkpoint_reproduces_val_recall(t
     assert record['val_txt_r1'] == pytest.approx(best['val_txt_r1'])
 
 
+def test_coco_config_two_processes_with_negatives_from_all_ranks(tmp_path):
+    """configs/retrieval_coco.yaml as it is (negative_all_rank: True, k_test 256 > candidates) on COCO-named files."""
+    data = write_colour_dataset(str(tmp_path / 'data'), n_train=32, n_val=6, n_test=6, dataset='coco')
+    out = tmp_path / 'run'
+    options = tiny_options(data, '', init_lr=3e-3, max_epoch=1, batch_size_train=8, queue_size=32, momentum=0.9)
+    options = [o for o in options if not o.startswith('k_test=')]  # the config's 256
+    result = run_torchrun([os.path.join(REPO, 'train_retrieval.py')] + base_args('configs/retrieval_coco.yaml')
+                          + ['--output_dir', str(out)] + options, nproc=2, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (record,) = read_jsonl(out / 'log.txt')
+    assert np.isfinite(record['train_loss_ita']) and np.isfinite(record['train_loss_itm'])
+    saved = (out / 'config.yaml').read_text()
+    assert 'negative_all_rank: true' in saved and 'dataset: coco' in saved and 'k_test: 256' in saved
+
+    # One process, the best checkpoint: the same test recall as the two-process run logged.
+    eval_options = [o for o in tiny_options(data, str(out / 'checkpoint_best.pth'), queue_size=32)
+                    if not o.startswith('k_test=')]
+    assert train_retrieval.main(base_args('configs/retrieval_coco.yaml')
+                                + ['--evaluate', '--output_dir', str(tmp_path / 'eval')] + eval_options) == 0
+    (evaluated,) = read_jsonl(tmp_path / 'eval' / 'evaluate.txt')
+    assert {k: v for k, v in evaluated.items() if k.startswith('test_')} == \
+        pytest.approx({k: v for k, v in record.items() if k.startswith('test_')})
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def run_main_error(args, caplog) -> str:
     caplog.clear()
