@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (at most 9 min 10 s of time limits, under the device tool's 10-minute call), most important first; every step writes its
-# own log to $OUT, so whatever finished comes back even if a later step runs out of time.
+# One prepared run on a GPU machine, most important first (time limits add up to 9 min 10 s, under the
+# device tool's 10-minute call); each step writes its own log to $OUT, so what finished comes back:
 #   1. the CUDA tests (golden numbers, fast == reference, bf16 recall, a torchrun evaluate)
 #   2. evaluation at Flickr 1K-test size (1,000 images, 5,000 texts, k_test 128): bf16 (+ fp32 check), tf32
 #   3. one fine-tuning step, batch 32: straightforward vs fast, each in fp32 and bf16 (which change costs what)
