@@ -32,7 +32,10 @@ _logger = logging.getLogger(__name__)
 
 SCORE_FILL = -100.0
 TEXT_BATCH = 256
-TEXTS_PER_KV = 32  # texts attending to one copy of an image's keys/values (measured: 16-32 best on CPU)
+# Texts attending to one copy of an image's keys/values: an image's pairs are sorted by length, so small chunks
+# hold captions of one length. Not tuned on a GPU; on the 2-core CPU at 1024 pairs per batch, 8 / 16 / 32 took
+# 85 / 77 / 89 s (at the CPU default of 256 pairs the cap pair_batch // 8 is 32 anyway).
+TEXTS_PER_KV = 32
 # Pairs per matching forward: a GPU needs large batches to outrun the host's kernel launches; a 2-core CPU
 # is faster with batches that stay in its caches (benchmarks/bench_eval.py --batch).
 DEFAULT_PAIR_BATCH = {'cuda': 1024, 'cpu': 256}

@@ -176,6 +176,13 @@ def barrier() -> None:
 # --------------------------------------------------------------------------- #
 # Collectives
 # --------------------------------------------------------------------------- #
+def _gather_equal(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (all of one shape) concatenated along dim 0 in rank order."""
+    gathered = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(gathered, t)
+    return torch.cat(gathered, dim=0)
+
+
 @torch.no_grad()
 def all_gather_cat(t: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
     """Concatenate ``t`` from every rank along dim 0 (rank order), without gradients.
@@ -190,20 +197,18 @@ def all_gather_cat(t: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
         return t
     t = t.detach().contiguous()
     if equal_sizes:
-        gathered = [torch.empty_like(t) for _ in range(world_size)]
-        dist.all_gather(gathered, t)
-        return torch.cat(gathered, dim=0)
+        return _gather_equal(t)
     local_size = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
     sizes = [torch.zeros_like(local_size) for _ in range(world_size)]
     dist.all_gather(sizes, local_size)
     sizes_list = [int(s.item()) for s in sizes]
     max_size = max(sizes_list)
+    if max_size == 0:
+        return t
     if t.shape[0] < max_size:
         pad = t.new_zeros((max_size - t.shape[0], *t.shape[1:]))
         t = torch.cat([t, pad], dim=0)
-    gathered = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(gathered, t)
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)], dim=0)
+    return torch.cat([g[:n] for g, n in zip(_gather_equal(t).split(max_size), sizes_list)], dim=0)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -211,13 +216,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
-        world_size = dist.get_world_size()
         ctx.rank = dist.get_rank()
         ctx.local_size = t.shape[0]
-        t = t.contiguous()
-        gathered = [torch.empty_like(t) for _ in range(world_size)]
-        dist.all_gather(gathered, t)
-        return torch.cat(gathered, dim=0)
+        return _gather_equal(t.contiguous())
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,10 @@ from models.vit import VitSpec, create_vit
 
 _logger = logging.getLogger(__name__)
 
+# All ranks' copies of a per-rank training tensor: every rank trains on a batch of one shape, so the size
+# exchange (and its wait for the device) of the general gather is skipped.
+gather_batch = partial(utils.all_gather_cat, equal_sizes=True)
+
 # (online, momentum) module names; the momentum copies follow their online twins by EMA.
 MOMENTUM_PAIRS = (('visual_encoder', 'visual_encoder_m'), ('vision_proj', 'vision_proj_m'),
                   ('text_encoder', 'text_encoder_m'), ('text_proj', 'text_proj_m'))
@@ -157,7 +161,7 @@ class BLIP_Retrieval(nn.Module):
         sim_t2i = text_feat @ image_feat_m_all / self.temp
         loss_ita = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
 
-        idx_world = utils.all_gather_cat(idx, equal_sizes=True)
+        idx_world = gather_batch(idx)
         self.enqueue(image_feat_m, text_feat_m, idx_world)
 
         itm_logits, neg_image_idx, neg_text_idx = self._itm_logits(
@@ -170,11 +174,10 @@ class BLIP_Retrieval(nn.Module):
         batch = image_embeds.shape[0]
         itm_ids = with_enc_token(input_ids, self.enc_token_id)
         all_rank = self.negative_all_rank and utils.get_world_size() > 1
-        gather = partial(utils.all_gather_cat, equal_sizes=True)  # every rank trains on a batch of one shape
         with torch.no_grad():
             if all_rank:
                 same_id = idx[:, None] == idx_world[None, :]
-                text_feat_cands, image_feat_cands = gather(text_feat), gather(image_feat)
+                text_feat_cands, image_feat_cands = gather_batch(text_feat), gather_batch(image_feat)
             else:
                 same_id = idx[:, None] == idx[None, :]
                 text_feat_cands, image_feat_cands = text_feat, image_feat
@@ -184,7 +187,7 @@ class BLIP_Retrieval(nn.Module):
 
         if all_rank:  # negatives may live on other ranks: gather (gradients flow back to their owner)
             image_embeds_cands = utils.all_gather_with_grad(image_embeds)
-            ids_cands, mask_cands = gather(itm_ids), gather(attention_mask)
+            ids_cands, mask_cands = gather_batch(itm_ids), gather_batch(attention_mask)
         else:
             image_embeds_cands, ids_cands, mask_cands = image_embeds, itm_ids, attention_mask
         neg_ids, neg_mask = ids_cands[neg_text_idx], mask_cands[neg_text_idx]
@@ -237,8 +240,8 @@ class BLIP_Retrieval(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx_world: torch.Tensor) -> None:
         """Write the momentum features of all ranks at the queue pointer and advance it."""
-        image_feats = utils.all_gather_cat(image_feat_m, equal_sizes=True)
-        text_feats = utils.all_gather_cat(text_feat_m, equal_sizes=True)
+        image_feats = gather_batch(image_feat_m)
+        text_feats = gather_batch(text_feat_m)
         batch = image_feats.shape[0]
         if self.queue_size % batch:
             raise ValueError(f'queue_size {self.queue_size} must be divisible by the global batch size {batch}')

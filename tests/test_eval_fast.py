@@ -71,7 +71,7 @@ def test_plan_scores_every_pair_once_in_bounded_batches(pair_batch):
         for batch in block.batches:
             rows = plan.slot_pair[batch.slots]
             covered.append(batch.slots)
-            assert len(rows) <= max(pair_batch, 1)
+            assert len(rows) <= pair_batch
             chunk_images = images[plan.chunk_image[batch.chunks]]
             per_chunk = len(rows) // len(chunk_images)
             # Row r of the batch attends to the keys/values of chunk r // per_chunk: it must be its own image.
