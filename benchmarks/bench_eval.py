@@ -18,8 +18,8 @@ import logging
 import numpy as np
 import torch
 
-from common import (Timer, add_common_args, build_model, peak_memory, profile_table, random_images,
-                    random_texts, reset_peak)
+from common import (Timer, add_common_args, build_model, count_host_syncs, peak_memory, profile_table,
+                    random_images, random_texts, reset_peak)
 
 import evaluation
 import utils
@@ -102,8 +102,14 @@ def main() -> None:
     print(f'fast:      wall {t_fast.seconds:8.2f} s  {entries / t_fast.seconds:10.1f} entries/s  '
           f'{peak_memory(device)}', flush=True)
     if args.profile:
-        print(profile_table(lambda: evaluation.fast_scores(*inputs, pair_batch=args.batch, autocast=autocast,
-                                                           log_every=10**9), device), flush=True)
+        run_fast = lambda pair_batch=args.batch: evaluation.fast_scores(*inputs, pair_batch=pair_batch,
+                                                                        autocast=autocast, log_every=10**9)
+        print(profile_table(run_fast, device), flush=True)
+        pair_batch = args.batch or evaluation.DEFAULT_PAIR_BATCH.get(device.type, 1024)
+        syncs = [count_host_syncs(lambda b=b: run_fast(b), device) for b in (pair_batch, max(1, pair_batch // 4))]
+        if syncs[0] is not None:  # waits that grow with the number of batches would idle the GPU between forwards
+            print(f'host syncs of the fast path: {syncs[0]} at {pair_batch} pairs per batch, '
+                  f'{syncs[1]} at {max(1, pair_batch // 4)}', flush=True)
     if args.compare_fp32:
         compare_with_fp32(args, model, images, text_ids, text_mask, itm_ids, (fast_i2t, fast_t2i))
     if args.skip_reference:

@@ -19,8 +19,8 @@ import logging
 
 import torch
 
-from common import (Timer, add_common_args, build_model, peak_memory, profile_table, random_images,
-                    random_texts, reset_peak)
+from common import (Timer, add_common_args, build_model, count_host_syncs, peak_memory, profile_table,
+                    random_images, random_texts, reset_peak)
 
 import utils
 
@@ -112,8 +112,11 @@ def main() -> None:
         print(f'{path:15s} {precision}: {per_step:8.3f} s/step  {args.batch / per_step:8.2f} samples/s  '
               f'{peak_memory(device)}  losses {losses.tolist()}', flush=True)
         if args.profile:
-            print(profile_table(lambda opt=optimizer: run_steps(model, opt, batches, autocast, 2, 0, device), device),
-                  flush=True)
+            two_steps = lambda opt=optimizer: run_steps(model, opt, batches, autocast, 2, 0, device)
+            print(profile_table(two_steps, device), flush=True)
+            syncs = count_host_syncs(two_steps, device)  # the Timer's own synchronize adds 2 per step
+            if syncs is not None:
+                print(f'host syncs: {syncs} in 2 steps (4 of them the timer\'s)', flush=True)
         del optimizer
     diff = (results[-1][1] - results[0][1]).abs().max().item()
     print(f'speedup {results[0][0] / results[-1][0]:.2f}x max_abs_diff {diff:.3g}', flush=True)

@@ -5,6 +5,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 
 import torch
 
@@ -94,3 +95,22 @@ def profile_table(fn, device, rows: int = 25) -> str:
     if cuda:
         sort_by = 'self_device_time_total' if hasattr(averages[0], 'self_device_time_total') else 'self_cuda_time_total'
     return averages.table(sort_by=sort_by, row_limit=rows)
+
+
+def count_host_syncs(fn, device) -> int | None:
+    """How many times `fn()` made the host wait for the GPU (None off CUDA).
+
+    Each wait empties the GPU's queue of launched kernels; a loop that waits once per batch keeps a fast GPU
+    idle between its forwards. Counted with CUDA's sync debug mode, which warns at every synchronizing call.
+    """
+    if torch.device(device).type != 'cuda':
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(w.message) for w in caught)

@@ -78,7 +78,9 @@ def free_port() -> int:
 def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str = REPO, env_extra: dict | None = None):
     """Launch `python -m torch.distributed.run --nproc_per_node=N ARGS` (gloo on CPU); returns CompletedProcess."""
     import subprocess
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    # REPO first, any PYTHONPATH kept after it (a GPU machine may get extra packages that way).
+    path = os.pathsep.join(entry for entry in (REPO, os.environ.get('PYTHONPATH')) if entry)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     env.update(env_extra or {})
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
            f'--master_port={free_port()}', *args]

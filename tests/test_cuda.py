@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from synthetic import write_colour_dataset
 import evaluation
 import utils
 from models import blip_retrieval
+from models.tokenizer import with_enc_token
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 CUDA = torch.device('cuda')
@@ -68,6 +70,32 @@ def test_bf16_evaluation_keeps_recall(cuda_model, golden):
     both = (t2i > -100) & (t2i_32 > -100)
     print('bf16 max score difference', np.abs(t2i - t2i_32)[both].max())
     assert evaluation.recall_metrics(i2t, t2i, txt2img, img2txt) == golden['itm_eval']
+
+
+def host_syncs(fn) -> int:
+    """Times `fn()` made the host wait for the GPU (CUDA's sync debug mode warns at each)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+
+def test_fast_evaluation_waits_for_the_gpu_a_fixed_number_of_times(cuda_model, golden):
+    """The plan is made on the host before scoring: one pair per batch (about 20 batches) must not add waits."""
+    with torch.no_grad():
+        image_embeds, image_feat = cuda_model.encode_image(t(golden['images']))
+        ids, mask = cuda_model.tokenize(golden['captions'])
+        text_feat = cuda_model.encode_text(ids, mask)
+    itm_ids = with_enc_token(ids, cuda_model.enc_token_id)
+    count = {pair_batch: host_syncs(lambda b=pair_batch: evaluation.fast_scores(
+        cuda_model, image_embeds, image_feat, text_feat, itm_ids, mask, 3, pair_batch=b)) for pair_batch in (1, 1024)}
+    print('host syncs of fast_scores by pair batch', count)
+    assert count[1] == count[1024]
 
 
 def test_torchrun_evaluate_bf16_on_one_gpu(tmp_path, golden_checkpoint):
