@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +16,9 @@ import evaluation
 import utils
 from models import blip_retrieval
 from models.tokenizer import with_enc_token
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+from common import count_host_syncs  # noqa: E402  (the benchmarks' counter, shared)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 CUDA = torch.device('cuda')
@@ -72,19 +75,6 @@ def test_bf16_evaluation_keeps_recall(cuda_model, golden):
     assert evaluation.recall_metrics(i2t, t2i, txt2img, img2txt) == golden['itm_eval']
 
 
-def host_syncs(fn) -> int:
-    """Times `fn()` made the host wait for the GPU (CUDA's sync debug mode warns at each)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
-    return sum('synchroniz' in str(w.message) for w in caught)
-
-
 def test_fast_evaluation_waits_for_the_gpu_a_fixed_number_of_times(cuda_model, golden):
     """The plan is made on the host before scoring: one pair per batch (about 20 batches) must not add waits."""
     with torch.no_grad():
@@ -92,8 +82,9 @@ def test_fast_evaluation_waits_for_the_gpu_a_fixed_number_of_times(cuda_model, g
         ids, mask = cuda_model.tokenize(golden['captions'])
         text_feat = cuda_model.encode_text(ids, mask)
     itm_ids = with_enc_token(ids, cuda_model.enc_token_id)
-    count = {pair_batch: host_syncs(lambda b=pair_batch: evaluation.fast_scores(
-        cuda_model, image_embeds, image_feat, text_feat, itm_ids, mask, 3, pair_batch=b)) for pair_batch in (1, 1024)}
+    count = {pair_batch: count_host_syncs(lambda b=pair_batch: evaluation.fast_scores(
+        cuda_model, image_embeds, image_feat, text_feat, itm_ids, mask, 3, pair_batch=b), CUDA)
+        for pair_batch in (1, 1024)}
     print('host syncs of fast_scores by pair batch', count)
     assert count[1] == count[1024]
 
