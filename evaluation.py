@@ -67,17 +67,25 @@ def text_features(model, texts: list[str], device: torch.device, autocast: Calla
 @torch.no_grad()
 def image_features(model, loader: Iterable, device: torch.device, autocast: Callable = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image tokens (N, 1+P, D), image_feat (N, E)) for all images; `loader` yields this rank's shard."""
+    """(image tokens (N, 1+P, D), image_feat (N, E)) for all images; `loader` yields this rank's shard.
+
+    Under bf16 autocast the image tokens are kept in bf16: the matching passes only read them through the
+    cross-attention key/value projections, which autocast feeds bf16 anyway, so the fast path's scores are
+    bit-identical while every GPU holds (and the gather moves) half the bytes: 4.4 instead of 8.9 GB for COCO's
+    5,000 images.
+    """
+    with _autocast(autocast):
+        tokens_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     embeds, feats = [], []
     for image, _ in loader:
         with _autocast(autocast):
             image_embeds, image_feat = model.encode_image(image.to(device, non_blocking=True))
-        embeds.append(image_embeds)
+        embeds.append(image_embeds.to(tokens_dtype or image_embeds.dtype))
         feats.append(image_feat.float())
-    if not embeds:  # an empty shard still joins the gathers
+    if not embeds:  # an empty shard still joins the gathers, with the others' shape and dtype
         tokens = model.visual_encoder.pos_embed.shape[1]
         width = model.visual_encoder.embed_dim
-        embeds = [torch.zeros((0, tokens, width), device=device)]  # the final LayerNorm gives fp32
+        embeds = [torch.zeros((0, tokens, width), dtype=tokens_dtype or torch.float32, device=device)]
         feats = [torch.zeros((0, model.vision_proj.out_features), device=device)]
     return utils.all_gather_cat(torch.cat(embeds)), utils.all_gather_cat(torch.cat(feats))
 

@@ -27,18 +27,14 @@ import utils
 
 @torch.no_grad()
 def features(model, images, text_ids, text_mask, autocast, image_batch: int):
-    """(image tokens, image features, text features) of the benchmark's inputs."""
+    """(image tokens, image features, text features) of the benchmark's inputs (images as evaluation has them)."""
     device = text_ids.device
-    embeds, feats = [], []
-    for i in range(0, images.shape[0], image_batch):
-        with evaluation._autocast(autocast):
-            e, f = model.encode_image(images[i:i + image_batch].to(device))
-        embeds.append(e)
-        feats.append(f.float())
+    batches = [(images[i:i + image_batch], None) for i in range(0, images.shape[0], image_batch)]
+    image_embeds, image_feat = evaluation.image_features(model, batches, device, autocast)
     with evaluation._autocast(autocast):
         text_feat = torch.cat([model.encode_text(text_ids[i:i + 256], text_mask[i:i + 256]).float()
                                for i in range(0, text_ids.shape[0], 256)])
-    return torch.cat(embeds), torch.cat(feats), text_feat
+    return image_embeds, image_feat, text_feat
 
 
 def compare_with_fp32(args, model, images, text_ids, text_mask, itm_ids, scores) -> None:

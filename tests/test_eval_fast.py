@@ -56,6 +56,31 @@ def test_bf16_evaluation_keeps_golden_recall(tiny_model, golden):
         assert np.abs(low - high)[both].max() < 4e-3
 
 
+def test_bf16_keeps_image_tokens_in_bf16_without_changing_a_score(tiny_model, golden):
+    """Half the memory for the stored image tokens: the key/value projections cast them to bf16 anyway."""
+    cpu = torch.device('cpu')
+    images = torch.tensor(golden['images'])
+    autocast = utils.configure_precision('bf16', cpu)
+    try:
+        embeds, image_feat = evaluation.image_features(tiny_model, [(images, None)], cpu, autocast)
+        text_feat, ids, mask = evaluation.text_features(tiny_model, golden['captions'], cpu, autocast)
+        with torch.no_grad(), autocast():
+            embeds_fp32 = tiny_model.encode_image(images)[0]
+        assert embeds.dtype == torch.bfloat16 and embeds_fp32.dtype == torch.float32
+        assert torch.equal(embeds, embeds_fp32.to(torch.bfloat16))
+        for scores, tolerance in ((evaluation.fast_scores, 0), (evaluation.reference_scores, 1e-3)):
+            kept = scores(tiny_model, embeds, image_feat, text_feat, ids, mask, 3, autocast=autocast)
+            full = scores(tiny_model, embeds_fp32, image_feat, text_feat, ids, mask, 3, autocast=autocast)
+            # The reference path's broadcast (stride-0) bf16 tokens take another matmul kernel than their
+            # contiguous cast copy: the same numbers, summed in another order.
+            for a, b in zip(kept, full):
+                torch.testing.assert_close(a, b, atol=tolerance, rtol=0, msg=scores.__name__)
+    finally:
+        utils.configure_precision('fp32', cpu)
+    embeds, _ = evaluation.image_features(tiny_model, [(images, None)], cpu)  # fp32 stays fp32
+    assert embeds.dtype == torch.float32
+
+
 @pytest.mark.parametrize('pair_batch', [1, 3, 8, 64])
 def test_plan_scores_every_pair_once_in_bounded_batches(pair_batch):
     """The fast path's schedule: each pair in exactly one real slot; batches and chunks consistent."""

@@ -132,6 +132,19 @@ def test_evaluate_matches_direct_computation_and_is_identical_under_two_processe
     assert (out2 / 'evaluate.txt').read_text() == (out1 / 'evaluate.txt').read_text()
 
 
+def test_bf16_evaluate_is_identical_under_two_processes_with_an_empty_image_shard(tmp_path, golden_checkpoint):
+    """bf16 keeps the image tokens in bf16: the rank with no val image must gather that dtype too."""
+    data = write_colour_dataset(str(tmp_path / 'data'), n_train=8, n_val=1, n_test=5)
+    options = tiny_options(data, golden_checkpoint, precision='bf16', batch_size_test=2)
+    out1, out2 = tmp_path / 'one', tmp_path / 'two'
+    assert train_retrieval.main(base_args() + ['--evaluate', '--output_dir', str(out1)] + options) == 0
+    result = run_torchrun([os.path.join(REPO, 'train_retrieval.py')] + base_args()
+                          + ['--evaluate', '--output_dir', str(out2)] + options, nproc=2)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert (out2 / 'evaluate.txt').read_text() == (out1 / 'evaluate.txt').read_text()
+    assert read_jsonl(out1 / 'evaluate.txt')[0]['val_txt_r1'] == 100.0  # one image: all its captions rank first
+
+
 def test_evaluate_takes_a_queue_size_the_training_batch_does_not_divide(tmp_path, eval_data, golden_checkpoint):
     """Evaluation never fills the queue: batch_size_train 7 with the checkpoint's queue_size 16 must not matter."""
     records = []
