@@ -1,4 +1,4 @@
-"""The CUDA path (skipped without a GPU): golden numbers, fast == reference evaluation, bf16, a torchrun run."""
+"""The CUDA path (skipped without a GPU): golden numbers, fast == reference evaluation, bf16, host syncs, torchrun."""
 from __future__ import annotations
 
 import json
