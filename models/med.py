@@ -14,12 +14,19 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import BertConfig
 
 # Per-layer (key, value) of the image tokens, each (B, heads, N_img, head_dim).
 ImageKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 MASK_VALUE = -10000.0  # BERT's additive padding mask; exp(-10000) is 0 in every float type we use
+
+# Attention kernels for the text encoder. Its batches change shape all the time (padding is trimmed to each
+# batch's longest caption; evaluation batches differ in length and in texts per image). cuDNN attention, which
+# recent PyTorch prefers on Hopper GPUs, builds a plan for every new shape (tens to hundreds of milliseconds);
+# these kernels need none. The ViT, whose shapes never change, keeps PyTorch's choice.
+TEXT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def load_med_config(path: str, encoder_width: Optional[int] = None) -> BertConfig:
@@ -212,12 +219,13 @@ class TextEncoder(nn.Module):
             raise ValueError('pass image_embeds or image_kv, not both')
         hidden = self.embeddings(input_ids)
         bias = padding_bias(attention_mask, hidden.dtype)
-        for i, layer in enumerate(self.layers):
-            if image_kv is not None:
-                kv = image_kv[i]
-            elif image_embeds is not None:
-                kv = layer.crossattention.self.project_kv(image_embeds)
-            else:
-                kv = None
-            hidden = layer(hidden, bias, kv)
+        with sdpa_kernel(TEXT_ATTENTION_BACKENDS):
+            for i, layer in enumerate(self.layers):
+                if image_kv is not None:
+                    kv = image_kv[i]
+                elif image_embeds is not None:
+                    kv = layer.crossattention.self.project_kv(image_embeds)
+                else:
+                    kv = None
+                hidden = layer(hidden, bias, kv)
         return hidden

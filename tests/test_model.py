@@ -118,6 +118,25 @@ def test_fused_and_explicit_attention_agree(tiny_model, golden):
         torch.testing.assert_close(fused_out, explicit_out, atol=1e-6, rtol=0)
 
 
+def test_text_attention_avoids_cudnn_which_plans_every_new_shape(tiny_model, golden, monkeypatch):
+    """Trimmed text batches change shape every step: the text encoder keeps to kernels that need no plan."""
+    cudnn_enabled = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        cudnn_enabled.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    ids, mask = tiny_model.tokenize(golden['captions'][:3])
+    with torch.no_grad():
+        embeds, _ = tiny_model.encode_image(torch.randn(3, 3, 32, 32))
+        monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+        tiny_model.encode_text(ids, mask)
+        tiny_model.match_logits(ids, mask, embeds)
+    assert cudnn_enabled == [False] * 6  # 2 layers: self-attention, then self- and cross-attention
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the global choice (and the ViT's) is left as it was
+
+
 def test_every_trainable_parameter_gets_a_finite_gradient_and_momentum_only_ema(tiny_model, golden):
     tiny_model.train()
     before = {k: v.clone() for k, v in tiny_model.named_parameters()}
