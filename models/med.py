@@ -24,8 +24,9 @@ MASK_VALUE = -10000.0  # BERT's additive padding mask; exp(-10000) is 0 in every
 
 # Attention kernels for the text encoder. Its batches change shape all the time (padding is trimmed to each
 # batch's longest caption; evaluation batches differ in length and in texts per image). cuDNN attention, which
-# recent PyTorch prefers on Hopper GPUs, builds a plan for every new shape (tens to hundreds of milliseconds);
-# these kernels need none. The ViT, whose shapes never change, keeps PyTorch's choice.
+# recent PyTorch puts first on Hopper and Blackwell GPUs, builds a plan for every new (batch, length) shape, tens
+# of milliseconds of host time each; these kernels need none. The ViT, whose shapes never change, keeps PyTorch's
+# choice.
 TEXT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
