@@ -25,10 +25,15 @@ def add_common_args(parser) -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--tokenizer', default=OFFLINE_VOCAB if os.path.exists(OFFLINE_VOCAB) else 'bert-base-uncased')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--no_cudnn_attention', action='store_true',
+                        help="turn cuDNN attention off everywhere: the text encoder never uses it, this also moves "
+                             "the ViT to PyTorch's other attention kernels")
 
 
 def build_model(args, queue_size: int = 57600, grad_ckpt: bool = False, ckpt_layer: int = 0) -> BLIP_Retrieval:
     torch.backends.cudnn.benchmark = True  # as train_retrieval.py (and the original), for both paths
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # random init on the device: seconds instead of a minute on the CPU
         model = BLIP_Retrieval(med_config=os.path.join(REPO, 'configs', 'med_config.json'), image_size=args.image_size,
