@@ -41,6 +41,11 @@ TEXTS_PER_KV = 32
 DEFAULT_PAIR_BATCH = {'cuda': 1024, 'cpu': 256}
 
 
+def pair_batch_for(device: torch.device, pair_batch: Optional[int] = None) -> int:
+    """`eval_pair_batch` as given, or the default of the device type (null in the config)."""
+    return pair_batch or DEFAULT_PAIR_BATCH.get(device.type, 1024)
+
+
 # ---------------------------------------------------------------------------------------------- features
 @torch.no_grad()
 def text_features(model, texts: list[str], device: torch.device, autocast: Callable = None
@@ -71,8 +76,8 @@ def image_features(model, loader: Iterable, device: torch.device, autocast: Call
 
     Under bf16 autocast the image tokens are kept in bf16: the matching passes only read them through the
     cross-attention key/value projections, which autocast feeds bf16 anyway, so the fast path's scores are
-    bit-identical while every GPU holds (and the gather moves) half the bytes: 4.4 instead of 8.9 GB for COCO's
-    5,000 images.
+    bit-identical while every GPU holds (and the gather moves) half the bytes (COCO's 5,000 test images x 577
+    tokens x 768 values: 4.4 instead of 8.9 GB).
     """
     with _autocast(autocast):
         tokens_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
@@ -260,7 +265,7 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
     its captions share (exact: padding is masked out).
     """
     device = image_feat.device
-    pair_batch = pair_batch or DEFAULT_PAIR_BATCH.get(device.type, 1024)
+    pair_batch = pair_batch_for(device, pair_batch)
     sims = image_feat @ text_feat.t()
     n_images, n_texts = sims.shape
     k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)

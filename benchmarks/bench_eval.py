@@ -101,11 +101,12 @@ def main() -> None:
         run_fast = lambda pair_batch=args.batch: evaluation.fast_scores(*inputs, pair_batch=pair_batch,
                                                                         autocast=autocast, log_every=10**9)
         print(profile_table(run_fast, device), flush=True)
-        pair_batch = args.batch or evaluation.DEFAULT_PAIR_BATCH.get(device.type, 1024)
-        syncs = [count_host_syncs(lambda b=b: run_fast(b), device) for b in (pair_batch, max(1, pair_batch // 4))]
+        pair_batches = (evaluation.pair_batch_for(device, args.batch),)
+        pair_batches += (max(1, pair_batches[0] // 4),)
+        syncs = [count_host_syncs(lambda b=b: run_fast(b), device) for b in pair_batches]
         if syncs[0] is not None:  # waits that grow with the number of batches would idle the GPU between forwards
-            print(f'host syncs of the fast path: {syncs[0]} at {pair_batch} pairs per batch, '
-                  f'{syncs[1]} at {max(1, pair_batch // 4)}', flush=True)
+            print('host syncs of the fast path: ' + ', '.join(f'{n} at {b} pairs per batch'
+                                                                for n, b in zip(syncs, pair_batches)), flush=True)
     if args.compare_fp32:
         compare_with_fp32(args, model, images, text_ids, text_mask, itm_ids, (fast_i2t, fast_t2i))
     if args.skip_reference:
