@@ -170,10 +170,17 @@ class BLIP_Retrieval(nn.Module):
         return TrainOutputs(loss_ita, loss_itm, itm_logits, neg_image_idx, neg_text_idx)
 
     def _itm_logits(self, image_embeds, image_feat, text_feat, input_ids, attention_mask, idx, idx_world):
-        """Matching logits of the positives and of one hard negative per text and per image."""
+        """Matching logits of the positives and of one hard negative per text and per image.
+
+        The straightforward path runs the positive pass before sampling, as the original does, so in train mode
+        it draws the same dropout masks and negatives from the same seed. The fast path scores all 3B rows in
+        one pass after sampling: the same distribution, another order of random draws.
+        """
         batch = image_embeds.shape[0]
         itm_ids = with_enc_token(input_ids, self.enc_token_id)
         all_rank = self.negative_all_rank and utils.get_world_size() > 1
+        if not self.fast_path:  # the original's order: positives first (their dropout draws precede sampling)
+            logits_pos = self.match_logits(itm_ids, attention_mask, image_embeds=image_embeds)
         with torch.no_grad():
             if all_rank:
                 same_id = idx[:, None] == idx_world[None, :]
@@ -205,7 +212,6 @@ class BLIP_Retrieval(nn.Module):
                   for (k, v), (k_neg, v_neg) in zip(kv_local, kv_neg)]
             logits = self.match_logits(ids, mask, image_kv=kv)
         else:  # the straightforward path: each pass projects its image tokens again
-            logits_pos = self.match_logits(itm_ids, attention_mask, image_embeds=image_embeds)
             images_neg = torch.cat([image_embeds_cands[neg_image_idx], image_embeds])
             logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg)
             logits = torch.cat([logits_pos, logits_neg])

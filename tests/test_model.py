@@ -61,9 +61,10 @@ def test_features_similarities_and_matching_logits(tiny_model, golden):
     torch.testing.assert_close(tiny_model.match_logits(itm_ids, mask, image_kv=kv), logits[1], atol=1e-6, rtol=0)
 
 
-def _train_forward(model, golden, inject_negatives: bool):
+def _train_forward(model, golden, inject_negatives: bool, mode: str = 'eval'):
     batch = golden['train_batch']
-    ref = golden['train_forward_eval_mode']
+    ref = golden[f'train_forward_{mode}_mode']
+    model.train(mode == 'train')
     if inject_negatives:
         model.sample_hard_negatives = lambda w_t2i, w_i2t: (t(ref['neg_image_idx_for_text'], torch.long),
                                                             t(ref['neg_text_idx_for_image'], torch.long))
@@ -73,27 +74,40 @@ def _train_forward(model, golden, inject_negatives: bool):
     return model.forward_train(images, ids, mask, batch['alpha'], t(batch['idx'], torch.long)), ref
 
 
-@pytest.mark.parametrize('fast_path', [True, False], ids=['fast_path', 'reference_path'])
-def test_training_forward_matches_golden(tiny_model, golden, fast_path):
-    tiny_model.fast_path = fast_path
-    out, ref = _train_forward(tiny_model, golden, inject_negatives=True)
+def _check_training_forward(model, golden, fast_path: bool, mode: str):
+    model.fast_path = fast_path
+    out, ref = _train_forward(model, golden, inject_negatives=(mode == 'eval'), mode=mode)
+    if mode == 'train':  # sampled, not injected: the draws must follow the original's RNG order
+        assert out.neg_image_idx.tolist() == ref['neg_image_idx_for_text']
+        assert out.neg_text_idx.tolist() == ref['neg_text_idx_for_image']
     assert out.loss_ita.item() == pytest.approx(ref['loss_ita'], abs=ATOL)
     assert out.loss_itm.item() == pytest.approx(ref['loss_itm'], abs=ATOL)
     torch.testing.assert_close(out.itm_logits, t(ref['itm_head_output_vl']), atol=ATOL, rtol=0)
     for name in ('image_queue', 'text_queue'):
-        torch.testing.assert_close(getattr(tiny_model, name), t(ref[name]), atol=ATOL, rtol=0)
-    assert tiny_model.idx_queue.tolist() == ref['idx_queue']
-    assert tiny_model.ptr_queue.tolist() == ref['ptr_queue']
-    state = tiny_model.state_dict()
+        torch.testing.assert_close(getattr(model, name), t(ref[name]), atol=ATOL, rtol=0)
+    assert model.idx_queue.tolist() == ref['idx_queue']
+    assert model.ptr_queue.tolist() == ref['ptr_queue']
+    state = model.state_dict()
     for key, value in ref.items():
         if key.startswith('momentum_after::'):
             torch.testing.assert_close(state[key.split('::')[1]], t(value), atol=ATOL, rtol=0)
     (out.loss_ita + out.loss_itm).backward()
-    params = dict(tiny_model.named_parameters())
+    params = dict(model.named_parameters())
     for name, grad in ref['grads'].items():
         torch.testing.assert_close(params[name].grad, t(grad), atol=ATOL, rtol=1e-5)
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params.values() if p.grad is not None))
     assert norm.item() == pytest.approx(ref['grad_global_l2_norm'], rel=1e-5)
+
+
+@pytest.mark.parametrize('fast_path', [True, False], ids=['fast_path', 'reference_path'])
+def test_training_forward_matches_golden(tiny_model, golden, fast_path):
+    _check_training_forward(tiny_model, golden, fast_path, mode='eval')
+
+
+def test_reference_training_forward_with_dropout_matches_golden(tiny_model, golden):
+    """Dropout on: the straightforward path consumes the RNG in the original's order, so even the
+    sampled negatives and every dropout mask agree with the run recorded from the original."""
+    _check_training_forward(tiny_model, golden, fast_path=False, mode='train')
 
 
 def test_hard_negative_sampling_follows_original_rng_order(tiny_model, golden):
