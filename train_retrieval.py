@@ -239,22 +239,21 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
         loss = loss_ita + loss_itm
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        losses = torch.stack([loss_ita.detach(), loss_itm.detach()]).float().cpu().tolist()
         stop.note_step(epoch * steps_per_epoch + step + 1)
-        nonfinite, stopping = agree([not all(map(math.isfinite, losses)), stop.requested], device)
-        if nonfinite:
+        losses, mean_losses, stopping = reduce_step(loss_ita, loss_itm, stop.requested, device)
+        if not all(map(math.isfinite, mean_losses)):  # non-finite on some rank: every rank sees it here
             raise NonFiniteLossError(nonfinite_message(epoch, step, steps_per_epoch, losses))
         optimizer.step()
         if trace.enabled:
             trace.write(epoch=epoch, step=step, lr=lr, alpha=alpha, idx=idx.tolist(), caption=list(caption),
                         loss_ita=losses[0], loss_itm=losses[1])
         progress.update(loss_ita=losses[0], loss_itm=losses[1], lr=lr)
-        for name, value in (('loss_ita', losses[0]), ('loss_itm', losses[1]), ('lr', lr)):
+        for name, value in (('loss_ita', mean_losses[0]), ('loss_itm', mean_losses[1]), ('lr', lr)):
             sums[name] = sums.get(name, 0.0) + value
         sums['count'] = sums.get('count', 0) + 1
         state.step, state.train_meters = step + 1, sums
         if step % config['log_every'] == 0:
-            writer.add_scalars({'train/loss_ita': losses[0], 'train/loss_itm': losses[1], 'train/lr': lr,
+            writer.add_scalars({'train/loss_ita': mean_losses[0], 'train/loss_itm': mean_losses[1], 'train/lr': lr,
                                 'train/alpha': alpha}, epoch * steps_per_epoch + step)
         if stopping:
             raise Preempted()
@@ -264,6 +263,21 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
     sums = dict(sums)
     count = max(1, sums.pop('count', 1))
     return {name: value / count for name, value in sums.items()}
+
+
+def reduce_step(loss_ita: torch.Tensor, loss_itm: torch.Tensor, stop_requested: bool, device: torch.device
+                ) -> tuple[list[float], list[float], bool]:
+    """(this rank's losses, their mean over ranks, whether any rank asked to stop): one collective, one host sync.
+
+    The epoch's train_* statistics average the mean over ranks, as the original's synchronized meters do, so
+    log.txt does not depend on which rank writes it (and every rank's running sums, saved for resume, agree).
+    """
+    local = torch.stack([loss_ita.detach().float(), loss_itm.detach().float(),
+                         torch.tensor(float(stop_requested), device=device)])
+    total = utils.all_reduce_sum_(local.clone())
+    values = torch.cat([local, total]).cpu().tolist()
+    world_size = utils.get_world_size()
+    return values[:2], [v / world_size for v in values[3:5]], values[5] > 0
 
 
 def nonfinite_message(epoch: int, step: int, steps_per_epoch: int, losses: list[float]) -> str:

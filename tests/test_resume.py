@@ -143,6 +143,19 @@ def test_resumed_run_has_bit_identical_weights_optimizer_and_log(runs):
     assert not [name for name in os.listdir(runs['B']) if name.endswith('.tmp')]
 
 
+def test_logged_train_losses_average_over_both_ranks(runs):
+    """log.txt's train_* are means over every step of every rank (the original synchronizes its meters)."""
+    traces = [read_trace(runs['A_trace'], rank) for rank in (0, 1)]
+    log = [json.loads(line) for line in (runs['A'] / 'log.txt').read_text().splitlines()]
+    for record in log:
+        for name in ('loss_ita', 'loss_itm'):
+            per_rank = [[r[name] for r in trace if r['epoch'] == record['epoch']] for trace in traces]
+            assert len(per_rank[0]) == len(per_rank[1]) == STEPS_PER_EPOCH
+            assert per_rank[0] != per_rank[1]  # the ranks see different samples
+            expected = sum(map(sum, per_rank)) / (2 * STEPS_PER_EPOCH)
+            assert record[f'train_{name}'] == pytest.approx(expected, rel=1e-6, abs=1e-7), (record['epoch'], name)
+
+
 @pytest.mark.parametrize('rank', [0, 1])
 def test_resumed_run_sees_the_same_data_lr_and_alpha_at_every_step(runs, rank):
     """Every step, before and after each interruption: same samples, lr, alpha and losses, none repeated or skipped."""
