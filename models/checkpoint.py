@@ -26,10 +26,10 @@ OFFICIAL_CHECKPOINTS = {
 
 QUEUE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'ptr_queue')
 POS_EMBED_KEYS = ('visual_encoder.pos_embed', 'visual_encoder_m.pos_embed')
-# Keys a checkpoint may lack or carry on purpose (pre-training checkpoints have a captioning decoder,
-# no id queue; newer transformers stopped saving position_ids).
+# Keys a checkpoint may lack or carry on purpose (pre-training checkpoints have a captioning decoder, no id
+# queue, and name their queue pointer `queue_ptr`; newer transformers stopped saving position_ids).
 EXPECTED_MISSING = re.compile(r'^(image_queue|text_queue|idx_queue|ptr_queue|.*embeddings\.position_ids)$')
-EXPECTED_UNEXPECTED = re.compile(r'^text_decoder\.')
+EXPECTED_UNEXPECTED = re.compile(r'^(text_decoder\..*|queue_ptr)$')
 
 
 class CheckpointError(RuntimeError):
@@ -154,7 +154,7 @@ def _log_report(report: LoadReport, source: str) -> None:
     for line in report.resized:
         _logger.info('resized %s', line)
     if report.expected_unexpected:
-        _logger.info('%d keys not used, as expected (pre-training captioning decoder): %s ...',
+        _logger.info('%d keys not used, as expected (pre-training captioning decoder and queue pointer): %s ...',
                      len(report.expected_unexpected), report.expected_unexpected[0])
     if report.expected_missing:
         _logger.info('not in the checkpoint, as expected (fresh queues / constant position ids): %s',
