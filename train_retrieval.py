@@ -272,8 +272,8 @@ def reduce_step(loss_ita: torch.Tensor, loss_itm: torch.Tensor, stop_requested: 
     The epoch's train_* statistics average the mean over ranks, as the original's synchronized meters do, so
     log.txt does not depend on which rank writes it (and every rank's running sums, saved for resume, agree).
     """
-    local = torch.stack([loss_ita.detach().float(), loss_itm.detach().float(),
-                         torch.tensor(float(stop_requested), device=device)])
+    stop_flag = torch.full((), float(stop_requested), device=device)  # a fill kernel: no host-to-device copy
+    local = torch.stack([loss_ita.detach().float(), loss_itm.detach().float(), stop_flag])
     total = utils.all_reduce_sum_(local.clone())
     values = torch.cat([local, total]).cpu().tolist()
     world_size = utils.get_world_size()
