@@ -11,7 +11,7 @@ Two paths compute the same matrices:
 - `reference`: the original's loop, one query at a time, projecting the image tokens for every pair.
 - `fast`: every distinct (image, text) pair of both directions is scored once, in batches of pairs grouped by
   image, with each image's cross-attention keys/values computed once per batch; pairs are split evenly
-  across ranks.
+  across ranks. The text encoder's last layer computes only the first token, the one that is scored.
 """
 from __future__ import annotations
 
@@ -48,18 +48,19 @@ def pair_batch_for(device: torch.device, pair_batch: Optional[int] = None) -> in
 
 # ---------------------------------------------------------------------------------------------- features
 @torch.no_grad()
-def text_features(model, texts: list[str], device: torch.device, autocast: Callable = None
+def text_features(model, texts: list[str], device: torch.device, autocast: Callable = None, cls_only: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(text_feat (T, E), matching ids with [ENC] (T, 35), attention mask (T, 35)) for all texts.
 
-    Each rank encodes an equal shard; the results are gathered on every rank.
+    Each rank encodes an equal shard; the results are gathered on every rank. `cls_only=False`: the original's
+    full last layer (see `BLIP_Retrieval.encode_text`).
     """
     start, end = shard_range(len(texts), utils.get_rank(), utils.get_world_size())
     feats, ids, masks = [], [], []
     for i in range(start, end, TEXT_BATCH):
         input_ids, mask = tokenize(model.tokenizer, texts[i:min(end, i + TEXT_BATCH)], device)
         with _autocast(autocast):
-            feats.append(model.encode_text(input_ids, mask).float())
+            feats.append(model.encode_text(input_ids, mask, cls_only=cls_only).float())
         ids.append(with_enc_token(input_ids, model.enc_token_id))
         masks.append(mask)
     embed_dim = model.text_proj.out_features
@@ -121,7 +122,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
         top_sim, top_idx = sims[i].topk(k_i2t)
         with _autocast(autocast):
             logits = model.match_logits(text_ids[top_idx], text_mask[top_idx],
-                                        image_embeds=image_embeds[i:i + 1].expand(k_i2t, -1, -1))
+                                        image_embeds=image_embeds[i:i + 1].expand(k_i2t, -1, -1), cls_only=False)
         i2t[i, top_idx] = logits[:, 1].float() + top_sim
 
     start, end = shard_range(math.ceil(n_texts * query_fraction), rank, world)
@@ -130,7 +131,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
         top_sim, top_idx = sims[:, j].topk(k_t2i)
         with _autocast(autocast):
             logits = model.match_logits(text_ids[j:j + 1].expand(k_t2i, -1), text_mask[j:j + 1].expand(k_t2i, -1),
-                                        image_embeds=image_embeds[top_idx])
+                                        image_embeds=image_embeds[top_idx], cls_only=False)
         t2i[j, top_idx] = logits[:, 1].float() + top_sim
     return _merge_rows(i2t), _merge_rows(t2i)
 
@@ -316,13 +317,14 @@ def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch
     """Score matrices (images x texts, texts x images) of one split, identical on every rank."""
     model.eval()
     began = time.time()
-    text_feat, text_ids, text_mask = text_features(model, texts, device, autocast)
+    reference = config.get('eval_mode', 'fast') == 'reference'
+    text_feat, text_ids, text_mask = text_features(model, texts, device, autocast, cls_only=not reference)
     image_embeds, image_feat = image_features(model, loader, device, autocast)
     _logger.info('Encoded %d images and %d texts in %.1f s', image_feat.shape[0], text_feat.shape[0],
                  time.time() - began)
     args = (model, image_embeds, image_feat, text_feat, text_ids, text_mask, config['k_test'])
     log_every = config.get('log_every', 50)
-    if config.get('eval_mode', 'fast') == 'reference':
+    if reference:
         i2t, t2i = reference_scores(*args, autocast=autocast, log_every=log_every)
     else:
         i2t, t2i = fast_scores(*args, pair_batch=config.get('eval_pair_batch'), autocast=autocast,

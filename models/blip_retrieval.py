@@ -112,9 +112,13 @@ class BLIP_Retrieval(nn.Module):
         image_feat = F.normalize(fp32_head(self.vision_proj, image_embeds[:, 0, :]), dim=-1)
         return image_embeds, image_feat
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Normalized contrastive text features (B, embed_dim), text encoder without the image."""
-        hidden = self.text_encoder(input_ids, attention_mask)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = True
+                    ) -> torch.Tensor:
+        """Normalized contrastive text features (B, embed_dim), text encoder without the image.
+
+        `cls_only=False` runs the last layer over every token, as the original did (same values up to rounding).
+        """
+        hidden = self.text_encoder(input_ids, attention_mask, cls_only=cls_only)
         return F.normalize(fp32_head(self.text_proj, hidden[:, 0, :]), dim=-1)
 
     def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,9 +127,14 @@ class BLIP_Retrieval(nn.Module):
 
     def match_logits(self, itm_input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      image_embeds: Optional[torch.Tensor] = None,
-                     image_kv: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
-        """Image-text matching logits (B, 2) (class 1 = match); ids must start with `[ENC]`."""
-        hidden = self.text_encoder(itm_input_ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv)
+                     image_kv: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
+                     cls_only: bool = True) -> torch.Tensor:
+        """Image-text matching logits (B, 2) (class 1 = match); ids must start with `[ENC]`.
+
+        `cls_only=False` runs the last layer over every token, as the original did (same values up to rounding).
+        """
+        hidden = self.text_encoder(itm_input_ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv,
+                                   cls_only=cls_only)
         return fp32_head(self.itm_head, hidden[:, 0, :])
 
     # ------------------------------------------------------------------ training
@@ -144,14 +153,17 @@ class BLIP_Retrieval(nn.Module):
         if self.fast_path and not self.negative_all_rank:  # all ranks' ids are gathered: keep one length
             input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         image_embeds, image_feat = self.encode_image(image)
-        text_feat = self.encode_text(input_ids, attention_mask)
+        # The straightforward path computes every token in the last layer too, as the original (and draws the
+        # same dropout masks); the fast path only the first token, the only one the losses read.
+        cls_only = self.fast_path
+        text_feat = self.encode_text(input_ids, attention_mask, cls_only=cls_only)
 
         # ITC against the current batch followed by the queue, positives = same image id.
         targets = same_id_targets(idx, torch.cat([idx, self.idx_queue[0]]))
         with torch.no_grad():
             self.momentum_update()
             image_feat_m = F.normalize(fp32_head(self.vision_proj_m, self.visual_encoder_m(image)[:, 0, :]), dim=-1)
-            text_hidden_m = self.text_encoder_m(input_ids, attention_mask)
+            text_hidden_m = self.text_encoder_m(input_ids, attention_mask, cls_only=cls_only)
             text_feat_m = F.normalize(fp32_head(self.text_proj_m, text_hidden_m[:, 0, :]), dim=-1)
             image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
             text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
@@ -180,7 +192,7 @@ class BLIP_Retrieval(nn.Module):
         itm_ids = with_enc_token(input_ids, self.enc_token_id)
         all_rank = self.negative_all_rank and utils.get_world_size() > 1
         if not self.fast_path:  # the original's order: positives first (their dropout draws precede sampling)
-            logits_pos = self.match_logits(itm_ids, attention_mask, image_embeds=image_embeds)
+            logits_pos = self.match_logits(itm_ids, attention_mask, image_embeds=image_embeds, cls_only=False)
         with torch.no_grad():
             if all_rank:
                 same_id = idx[:, None] == idx_world[None, :]
@@ -210,10 +222,10 @@ class BLIP_Retrieval(nn.Module):
                 kv_neg = [(k[neg_image_idx], v[neg_image_idx]) for k, v in kv_local]
             kv = [(torch.cat([k, k_neg, k]), torch.cat([v, v_neg, v]))
                   for (k, v), (k_neg, v_neg) in zip(kv_local, kv_neg)]
-            logits = self.match_logits(ids, mask, image_kv=kv)
+            logits = self.match_logits(ids, mask, image_kv=kv)  # first token only in the last layer
         else:  # the straightforward path: each pass projects its image tokens again
             images_neg = torch.cat([image_embeds_cands[neg_image_idx], image_embeds])
-            logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg)
+            logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg, cls_only=False)
             logits = torch.cat([logits_pos, logits_neg])
         return logits, neg_image_idx, neg_text_idx
 

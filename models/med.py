@@ -143,9 +143,12 @@ class BertLayer(nn.Module):
         self.output = ResidualOutput(config, config.intermediate_size)
 
     def forward(self, hidden: torch.Tensor, text_bias: torch.Tensor,
-                image_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                image_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cls_only: bool = False
+                ) -> torch.Tensor:
+        """`cls_only`: every token's keys/values, but only the first token's output (B, 1, hidden)."""
         attn = self.attention
-        hidden = attn.output(attn.self(hidden, attn.self.project_kv(hidden), text_bias), hidden)
+        query = hidden[:, :1] if cls_only else hidden
+        hidden = attn.output(attn.self(query, attn.self.project_kv(hidden), text_bias), query)
         if image_kv is not None:
             cross = self.crossattention
             hidden = cross.output(cross.self(hidden, image_kv), hidden)  # image tokens are never masked
@@ -214,12 +217,19 @@ class TextEncoder(nn.Module):
         return [layer.crossattention.self.project_kv(image_embeds) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_embeds: Optional[torch.Tensor] = None, image_kv: Optional[ImageKV] = None) -> torch.Tensor:
-        """Returns the last hidden state (B, L, hidden)."""
+                image_embeds: Optional[torch.Tensor] = None, image_kv: Optional[ImageKV] = None,
+                cls_only: bool = False) -> torch.Tensor:
+        """Returns the last hidden state (B, L, hidden); with `cls_only`, only its first token's (B, 1, hidden).
+
+        Features and matching logits read only the first token, and in the last layer no other token's output
+        feeds it: `cls_only` skips their queries, attention and feed-forward there (a twelfth of the work, less
+        the keys/values that the first token still attends to).
+        """
         if image_embeds is not None and image_kv is not None:
             raise ValueError('pass image_embeds or image_kv, not both')
         hidden = self.embeddings(input_ids)
         bias = padding_bias(attention_mask, hidden.dtype)
+        last = len(self.layers) - 1
         with sdpa_kernel(TEXT_ATTENTION_BACKENDS):
             for i, layer in enumerate(self.layers):
                 if image_kv is not None:
@@ -228,5 +238,5 @@ class TextEncoder(nn.Module):
                     kv = layer.crossattention.self.project_kv(image_embeds)
                 else:
                     kv = None
-                hidden = layer(hidden, bias, kv)
+                hidden = layer(hidden, bias, kv, cls_only=cls_only and i == last)
         return hidden

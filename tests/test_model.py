@@ -116,6 +116,29 @@ def test_hard_negative_sampling_follows_original_rng_order(tiny_model, golden):
     assert out.neg_text_idx.tolist() == ref['neg_text_idx_for_image']
 
 
+def test_last_layer_for_the_first_token_only_equals_the_full_pass(tiny_model, golden):
+    """encode_text / match_logits skip the other tokens' last-layer work by default; the original ran them all."""
+    torch.manual_seed(0)
+    embeds, _ = tiny_model.encode_image(torch.randn(2, 3, 32, 32))
+    ids, mask = tiny_model.tokenize(golden['captions'][:4])
+    ids = with_enc_token(ids, tiny_model.enc_token_id)
+    encoder = tiny_model.text_encoder
+    with torch.no_grad():
+        full = encoder(ids, mask)
+        assert encoder(ids, mask, cls_only=True).shape == (4, 1, 64)
+        torch.testing.assert_close(encoder(ids, mask, cls_only=True), full[:, :1], atol=1e-6, rtol=0)
+        per_text = embeds.repeat_interleave(2, dim=0)
+        full = encoder(ids, mask, image_embeds=per_text)
+        torch.testing.assert_close(encoder(ids, mask, image_embeds=per_text, cls_only=True), full[:, :1],
+                                   atol=1e-6, rtol=0)
+        shared_kv = tiny_model.image_kv(embeds)  # two texts per image attend to one copy of its keys/values
+        torch.testing.assert_close(encoder(ids, mask, image_kv=shared_kv, cls_only=True), full[:, :1],
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(tiny_model.match_logits(ids, mask, image_embeds=per_text),
+                                   tiny_model.match_logits(ids, mask, image_embeds=per_text, cls_only=False),
+                                   atol=1e-6, rtol=0)
+
+
 def test_fused_and_explicit_attention_agree(tiny_model, golden):
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)
