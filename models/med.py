@@ -222,8 +222,8 @@ class TextEncoder(nn.Module):
         """Returns the last hidden state (B, L, hidden); with `cls_only`, only its first token's (B, 1, hidden).
 
         Features and matching logits read only the first token, and in the last layer no other token's output
-        feeds it: `cls_only` skips their queries, attention and feed-forward there (a twelfth of the work, less
-        the keys/values that the first token still attends to).
+        feeds it: `cls_only` skips their queries, attention and feed-forward there (the last layer's share of the
+        work, less the keys/values that the first token still attends to).
         """
         if image_embeds is not None and image_kv is not None:
             raise ValueError('pass image_embeds or image_kv, not both')
