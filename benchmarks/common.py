@@ -14,7 +14,6 @@ sys.path.insert(0, REPO)
 
 from models import BLIP_Retrieval  # noqa: E402
 
-OFFLINE_VOCAB = os.path.join(REPO, 'tests', 'fixtures', 'bert-base-uncased-vocab.txt')
 TEXT_LENGTH = 35
 
 
@@ -23,7 +22,7 @@ def add_common_args(parser) -> None:
     parser.add_argument('--image_size', type=int, default=384)
     parser.add_argument('--precision', default='fp32', choices=['fp32', 'tf32', 'bf16'])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--tokenizer', default=OFFLINE_VOCAB if os.path.exists(OFFLINE_VOCAB) else 'bert-base-uncased')
+    parser.add_argument('--tokenizer', default='bert-base-uncased', help='bundled by default: nothing is fetched')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--no_cudnn_attention', action='store_true',
                         help="turn cuDNN attention off everywhere: the text encoder never uses it, this also moves "

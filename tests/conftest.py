@@ -15,7 +15,7 @@ FIXTURES = os.path.join(REPO, 'tests', 'fixtures')
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-VOCAB = os.path.join(FIXTURES, 'bert-base-uncased-vocab.txt')
+VOCAB = os.path.join(REPO, 'models', 'bert-base-uncased-vocab.txt')  # the bundled default vocabulary
 TINY_MED_CONFIG = os.path.join(FIXTURES, 'tiny_med_config.json')
 TINY_KWARGS = dict(med_config=TINY_MED_CONFIG, image_size=32, vit={'embed_dim': 64, 'depth': 2, 'num_heads': 2},
                    vit_grad_ckpt=False, vit_ckpt_layer=0, embed_dim=16, queue_size=16, momentum=0.995,
@@ -85,3 +85,27 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str =
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
            f'--master_port={free_port()}', *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+SCORE_FILL = -100.0  # evaluation's value for pairs it never scored
+
+
+def assert_close(actual, expected, digits: float, msg: str = '') -> None:
+    """`actual` equals `expected` to `digits` significant decimal digits of the values' scale.
+
+    fp32 carries about 7.2 digits. The same math in another order (fused or explicit attention, keys/values shared
+    or repeated, trimmed padding, another batch split) keeps about 6; another implementation through a dozen layers
+    (the original's recorded outputs) about 5. A sum's rounding error grows with its terms, not with its result, so
+    the absolute part of the tolerance follows the largest expected value and the relative part each entry.
+    Entries equal to SCORE_FILL (never scored) must be exactly where they were.
+    """
+    actual, expected = (torch.as_tensor(x).detach().cpu().double() for x in (actual, expected))
+    assert actual.shape == expected.shape, (msg, actual.shape, expected.shape)
+    unscored = expected == SCORE_FILL
+    assert torch.equal(actual == SCORE_FILL, unscored), f'{msg}: unscored entries differ'
+    actual, expected = actual[~unscored], expected[~unscored]
+    if expected.numel() == 0:
+        return
+    tolerance = 10.0 ** -digits
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()),
+                               msg=lambda m: f'{msg} ({digits} digits): {m}')
