@@ -1,5 +1,5 @@
 """BLIP retrieval model: ViT image encoder, BERT text encoder with cross-attention, losses, checkpoints."""
-from models.blip_retrieval import BLIP_Retrieval, blip_retrieval
+from models.blip_retrieval import BLIP_Retrieval, blip_retrieval, model_from_config
 from models.tokenizer import init_tokenizer
 
-__all__ = ['BLIP_Retrieval', 'blip_retrieval', 'init_tokenizer']
+__all__ = ['BLIP_Retrieval', 'blip_retrieval', 'init_tokenizer', 'model_from_config']

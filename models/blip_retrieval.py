@@ -20,7 +20,8 @@ from models.checkpoint import load_pretrained
 from models.losses import (distilled_targets, hard_negative_weights, itc_loss, itm_loss,
                            same_id_targets)
 from models.med import TextEncoder, load_med_config
-from models.tokenizer import init_tokenizer, tokenize, trim_padding, with_enc_token
+from models.tokenizer import (DEFAULT_TOKENIZER, check_vocab_size, init_tokenizer, tokenize, trim_padding,
+                              with_enc_token)
 from models.vit import VitSpec, create_vit
 
 _logger = logging.getLogger(__name__)
@@ -55,21 +56,19 @@ class BLIP_Retrieval(nn.Module):
         queue_size: number of momentum features kept for the contrastive loss.
         momentum: EMA factor of the momentum encoders.
         negative_all_rank: sample hard negatives from the batches of all ranks (with gradients).
-        tokenizer: hub id, folder or vocab.txt of the WordPiece tokenizer.
+        tokenizer: 'bert-base-uncased' (bundled), a vocab.txt, a folder or another hub id (models/tokenizer.py).
     """
 
     def __init__(self, med_config: Union[str, Mapping, BertConfig] = 'configs/med_config.json',
                  image_size: int = 384, vit: VitSpec = 'base', vit_grad_ckpt: bool = False,
                  vit_ckpt_layer: int = 0, embed_dim: int = 256, queue_size: int = 57600,
                  momentum: float = 0.995, negative_all_rank: bool = False,
-                 tokenizer: str = 'bert-base-uncased'):
+                 tokenizer: str = DEFAULT_TOKENIZER):
         super().__init__()
         self.tokenizer = init_tokenizer(tokenizer)
         self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer)
         text_config = _bert_config(med_config, vision_width)
-        if text_config.vocab_size != len(self.tokenizer):
-            raise ValueError(f'med_config vocab_size {text_config.vocab_size} != tokenizer size '
-                             f'{len(self.tokenizer)} (vocab + [DEC] + [ENC]); use the matching tokenizer')
+        check_vocab_size(self.tokenizer, text_config.vocab_size, tokenizer)
         self.text_encoder = TextEncoder(text_config)
         text_width = text_config.hidden_size
 
@@ -209,7 +208,9 @@ class BLIP_Retrieval(nn.Module):
             ids_cands, mask_cands = gather_batch(itm_ids), gather_batch(attention_mask)
         else:
             image_embeds_cands, ids_cands, mask_cands = image_embeds, itm_ids, attention_mask
-        neg_ids, neg_mask = ids_cands[neg_text_idx], mask_cands[neg_text_idx]
+        # index_select, not x[idx]: the backward of advanced indexing adds the gradients of repeated negatives
+        # with parallel atomics on the CPU, in a different order each run; index_select's backward does not.
+        neg_ids, neg_mask = ids_cands.index_select(0, neg_text_idx), mask_cands.index_select(0, neg_text_idx)
 
         # Rows: (text b, image b), (text b, its negative image), (negative text of image b, image b).
         ids = torch.cat([itm_ids, itm_ids, neg_ids])
@@ -217,14 +218,14 @@ class BLIP_Retrieval(nn.Module):
         if self.fast_path:
             kv_local = self.image_kv(image_embeds)
             if all_rank:
-                kv_neg = self.image_kv(image_embeds_cands[neg_image_idx])
+                kv_neg = self.image_kv(image_embeds_cands.index_select(0, neg_image_idx))
             else:
-                kv_neg = [(k[neg_image_idx], v[neg_image_idx]) for k, v in kv_local]
+                kv_neg = [(k.index_select(0, neg_image_idx), v.index_select(0, neg_image_idx)) for k, v in kv_local]
             kv = [(torch.cat([k, k_neg, k]), torch.cat([v, v_neg, v]))
                   for (k, v), (k_neg, v_neg) in zip(kv_local, kv_neg)]
             logits = self.match_logits(ids, mask, image_kv=kv)  # first token only in the last layer
         else:  # the straightforward path: each pass projects its image tokens again
-            images_neg = torch.cat([image_embeds_cands[neg_image_idx], image_embeds])
+            images_neg = torch.cat([image_embeds_cands.index_select(0, neg_image_idx), image_embeds])
             logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg, cls_only=False)
             logits = torch.cat([logits_pos, logits_neg])
         return logits, neg_image_idx, neg_text_idx
@@ -296,6 +297,20 @@ def _bert_config(med_config: Union[str, Mapping, BertConfig], vision_width: int)
         config = load_med_config(med_config)
     config.encoder_width = vision_width  # cross-attention keys/values come from the ViT
     return config
+
+
+def model_from_config(config: Mapping, pretrained: Optional[str] = None) -> BLIP_Retrieval:
+    """The model a validated run config describes (config.load_config), with `pretrained` loaded.
+
+    `pretrained` overrides the config's (a resumed run passes '': its weights come from checkpoint_last.pth).
+    """
+    return blip_retrieval(
+        pretrained=config['pretrained'] if pretrained is None else pretrained,
+        med_config=config['med_config'], image_size=config['image_size'], vit=config['vit'],
+        vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
+        embed_dim=config['embed_dim'], queue_size=config['queue_size'], momentum=config['momentum'],
+        negative_all_rank=config['negative_all_rank'], tokenizer=config['tokenizer'],
+        sha256=config['sha256'], allow_unsafe_checkpoint=config['allow_unsafe_checkpoint'])
 
 
 def blip_retrieval(pretrained: str = '', **kwargs) -> BLIP_Retrieval:
