@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_KWARGS, run_torchrun
+from conftest import REPO, TINY_KWARGS, assert_close, run_torchrun
 from synthetic import write_colour_dataset
 
 import evaluation
@@ -39,14 +39,14 @@ def test_golden_features_and_scores_on_cuda(cuda_model, golden):
         image_embeds, image_feat = cuda_model.encode_image(t(golden['images']))
         ids, mask = cuda_model.tokenize(golden['captions'])
         text_feat = cuda_model.encode_text(ids, mask)
-    torch.testing.assert_close(image_feat, t(golden['image_feat']), atol=1e-5, rtol=0)
-    torch.testing.assert_close(text_feat, t(golden['text_feat']), atol=1e-5, rtol=0)
+    assert_close(image_feat, t(golden['image_feat']), 5)  # the original's outputs, other kernels (fp32 on the GPU)
+    assert_close(text_feat, t(golden['text_feat']), 5)
     loader = [(t(golden['images']), None)]
     for mode in ('fast', 'reference'):
         i2t, t2i = evaluation.evaluate_scores(cuda_model, loader, golden['captions'], {'k_test': 3, 'eval_mode': mode},
                                               CUDA)
-        np.testing.assert_allclose(i2t, np.array(golden['score_matrix_i2t']), atol=1e-5)
-        np.testing.assert_allclose(t2i, np.array(golden['score_matrix_t2i']), atol=1e-5)
+        assert_close(i2t, np.array(golden['score_matrix_i2t']), 5, mode)
+        assert_close(t2i, np.array(golden['score_matrix_t2i']), 5, mode)
 
 
 def test_golden_training_step_on_cuda(cuda_model, golden):
@@ -57,8 +57,8 @@ def test_golden_training_step_on_cuda(cuda_model, golden):
     ids, mask = cuda_model.tokenize([golden['captions'][i] for i in batch['caption_rows']])
     out = cuda_model.forward_train(t(golden['images'])[batch['image_rows']], ids, mask, batch['alpha'],
                                    t(batch['idx'], torch.long))
-    assert out.loss_ita.item() == pytest.approx(ref['loss_ita'], abs=1e-5)
-    assert out.loss_itm.item() == pytest.approx(ref['loss_itm'], abs=1e-5)
+    assert out.loss_ita.item() == pytest.approx(ref['loss_ita'], rel=1e-5)
+    assert out.loss_itm.item() == pytest.approx(ref['loss_itm'], rel=1e-5)
 
 
 def test_bf16_evaluation_keeps_recall(cuda_model, golden):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, VOCAB
+from conftest import REPO, VOCAB, assert_close
 
 import evaluation
 import utils
@@ -33,8 +33,9 @@ def test_fast_equals_reference_on_a_base_size_model():
     fast = evaluation.evaluate_scores(model, loader, captions, {'k_test': 4, 'eval_pair_batch': 16}, torch.device('cpu'))
     ref = evaluation.evaluate_scores(model, loader, captions, {'k_test': 4, 'eval_mode': 'reference'},
                                      torch.device('cpu'))
-    np.testing.assert_allclose(fast[0], ref[0], atol=1e-4)
-    np.testing.assert_allclose(fast[1], ref[1], atol=1e-4)
+    # Through 12 layers of 768 wide at 577 image tokens, in another order: 5 digits.
+    assert_close(fast[0], ref[0], 5)
+    assert_close(fast[1], ref[1], 5)
     assert (fast[0] > -100).sum() == 3 * 4 and (fast[1] > -100).sum() == 9 * 3
     assert _recall(fast, txt2img, img2txt) == _recall(ref, txt2img, img2txt)
 
@@ -118,6 +119,6 @@ def test_fast_equals_reference_for_any_pair_batch(tiny_model, pair_batch):
                                       torch.device('cpu'))
     ref = evaluation.evaluate_scores(tiny_model, loader, captions, {'k_test': 6, 'eval_mode': 'reference'},
                                      torch.device('cpu'))
-    np.testing.assert_allclose(fast[0], ref[0], atol=1e-5)
-    np.testing.assert_allclose(fast[1], ref[1], atol=1e-5)
+    assert_close(fast[0], ref[0], 6)  # the same math in another order
+    assert_close(fast[1], ref[1], 6)
     assert (fast[0] > -100).sum() == 11 * 6 and (fast[1] > -100).sum() == 37 * 6

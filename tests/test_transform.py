@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from conftest import assert_close
+
 from transform import (
     AUGMENT_OPS,
     NORMALIZE_MEAN,
@@ -44,7 +46,7 @@ def test_eval_transform_matches_pil_bicubic_resize_and_manual_normalisation(jpeg
     expected = (resized - np.array(NORMALIZE_MEAN, dtype=np.float32)) / np.array(NORMALIZE_STD, dtype=np.float32)
     assert out.shape == (3, size, size)
     assert out.dtype == torch.float32
-    np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    assert_close(out.permute(1, 2, 0), expected, 6)  # torchvision's and numpy's fp32 arithmetic
 
 
 def test_train_transform_shape_and_determinism(jpeg_image):
