@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "tokenizer": "bert-base-uncased",
     "embed_dim": 256,
     "momentum": 0.995,
-    "num_workers": 4,
+    "num_workers": None,  # None: min(4, this process's share of the CPUs), see data.loaders.default_num_workers
     "precision": "tf32",
     "eval_mode": "fast",
     "eval_pair_batch": None,  # None: 1024 on a GPU, 256 on the CPU
@@ -52,6 +52,12 @@ VIT_KEYS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
 VIT_DEFAULTS = {"patch_size": 16, "mlp_ratio": 4.0}
 
 _ALL_KEYS = REQUIRED_KEYS + tuple(DEFAULTS)
+
+# Keys that change no number of a fine-tune (logging, speed, outputs; a resumed run takes its weights from
+# checkpoint_last.pth, not `pretrained`): changing them on --resume is not worth a warning. The evaluation path
+# and batching and torch.compile change results only by rounding.
+RESULT_NEUTRAL_KEYS = ("log_every", "tensorboard", "num_workers", "save_every_steps", "pretrained", "sha256",
+                       "allow_unsafe_checkpoint", "eval_mode", "eval_pair_batch", "compile")
 
 
 class ConfigError(ValueError):
@@ -119,13 +125,19 @@ def _as_sha256(key: str, value: Any) -> str:
     return digest
 
 
+_VIT_FORMS = ("'base' (ViT-B/16), 'large' (ViT-L/16), or a mapping for another size, e.g. "
+              "vit={embed_dim: 1280, depth: 32, num_heads: 16, patch_size: 16, mlp_ratio: 4} "
+              "(patch_size and mlp_ratio optional; BLIP's official checkpoints exist for base and large only)")
+
+
 def _as_vit(key: str, value: Any) -> str | dict[str, Any]:
     """'base', 'large', or a mapping describing a custom ViT."""
     if isinstance(value, str):
-        return _choice(VIT_PRESETS)(key, value)
+        if value not in VIT_PRESETS:
+            raise ConfigError(f"config key '{key}' must be {_VIT_FORMS}; got {value!r}")
+        return value
     if not isinstance(value, dict):
-        raise ConfigError(f"config key '{key}' must be 'base', 'large' or a mapping with "
-                          f"keys {list(VIT_KEYS)}, got {_describe(value)}")
+        raise ConfigError(f"config key '{key}' must be {_VIT_FORMS}; got {_describe(value)}")
     for sub in value:
         if sub not in VIT_KEYS:
             raise ConfigError(f"unknown key '{sub}' in config key '{key}'"
@@ -170,7 +182,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "tokenizer": _as_str,
     "embed_dim": _as_int,
     "momentum": _as_float,
-    "num_workers": _as_int,
+    "num_workers": _optional(_as_int),
     "precision": _choice(PRECISIONS),
     "eval_mode": _choice(EVAL_MODES),
     "eval_pair_batch": _optional(_as_int),
@@ -196,9 +208,9 @@ def _check_range(config: dict[str, Any]) -> None:
                 "embed_dim", "log_every", "max_words"):
         require(config[key] > 0, key, "> 0")
     require(config["eval_pair_batch"] is None or config["eval_pair_batch"] > 0, "eval_pair_batch", "> 0 or null")
-    for key in ("vit_ckpt_layer", "num_workers", "save_every_steps", "max_epoch",
-                "init_lr", "min_lr", "weight_decay"):
+    for key in ("vit_ckpt_layer", "save_every_steps", "max_epoch", "init_lr", "min_lr", "weight_decay"):
         require(config[key] >= 0, key, ">= 0")
+    require(config["num_workers"] is None or config["num_workers"] >= 0, "num_workers", ">= 0 or null")
     require(0.0 <= config["alpha"] <= 1.0, "alpha", "between 0 and 1")
     require(0.0 <= config["momentum"] <= 1.0, "momentum", "between 0 and 1")
     require(config["k_test"] >= 1, "k_test", ">= 1")
@@ -213,7 +225,31 @@ def _check_range(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- #
 # Public API
 # --------------------------------------------------------------------------- #
+# Names other code bases use for BLIP's keys: a suggestion by meaning, where spelling finds nothing close.
+KEY_ALIASES: dict[str, str] = {
+    "lr": "init_lr", "learning_rate": "init_lr", "base_lr": "init_lr", "peak_lr": "init_lr",
+    "final_lr": "min_lr", "end_lr": "min_lr",
+    "epochs": "max_epoch", "num_epochs": "max_epoch", "n_epochs": "max_epoch", "max_epochs": "max_epoch",
+    "batch_size": "batch_size_train", "train_batch_size": "batch_size_train", "bs": "batch_size_train",
+    "eval_batch_size": "batch_size_test", "test_batch_size": "batch_size_test",
+    "wd": "weight_decay", "topk": "k_test", "top_k": "k_test", "k": "k_test",
+    "checkpoint": "pretrained", "ckpt": "pretrained", "weights": "pretrained", "model": "pretrained",
+    "image_dir": "image_root", "images": "image_root", "data_root": "image_root",
+    "annotation_dir": "ann_root", "ann_dir": "ann_root", "workers": "num_workers",
+    "amp": "precision", "fp16": "precision", "dtype": "precision", "mixed_precision": "precision",
+}
+# Command-line flags, not config keys.
+_FLAGS = {"output_dir": "--output_dir", "resume": "--resume", "evaluate": "--evaluate", "device": "--device"}
+
+
 def _suggestion(key: str, valid: tuple[str, ...]) -> str:
+    if key in _FLAGS:
+        return f"; it is a command-line flag: pass {_FLAGS[key]} to train_retrieval.py"
+    if key in KEY_ALIASES and key not in valid:
+        meant = KEY_ALIASES[key]
+        also = " (and batch_size_test for evaluation)" if meant == "batch_size_train" else ""
+        return (f"; did you mean '{meant}'{also}? BLIP's names: init_lr (not lr), max_epoch (not epochs), "
+                "batch_size_train / batch_size_test (not batch_size)")
     close = difflib.get_close_matches(key, valid, n=1)
     if close:
         return f"; did you mean '{close[0]}'?"

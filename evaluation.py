@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import utils
-from data.loaders import shard_range
+from data.loaders import create_eval_loader, shard_range
 from models.tokenizer import tokenize, with_enc_token
 
 _logger = logging.getLogger(__name__)
@@ -121,8 +121,10 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
     for i in progress.iter(range(start, end)):
         top_sim, top_idx = sims[i].topk(k_i2t)
         with _autocast(autocast):
+            # A contiguous copy per query, as the original: every layer's key/value projection is then one addmm
+            # (an expanded view would be copied again in each of them).
             logits = model.match_logits(text_ids[top_idx], text_mask[top_idx],
-                                        image_embeds=image_embeds[i:i + 1].expand(k_i2t, -1, -1), cls_only=False)
+                                        image_embeds=image_embeds[i:i + 1].repeat(k_i2t, 1, 1), cls_only=False)
         i2t[i, top_idx] = logits[:, 1].float() + top_sim
 
     start, end = shard_range(math.ceil(n_texts * query_fraction), rank, world)
@@ -333,6 +335,14 @@ def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch
     return i2t.cpu().numpy(), t2i.cpu().numpy()
 
 
+def evaluate_split(model, dataset, config: dict, device: torch.device, autocast: Callable = None) -> dict:
+    """Recall metrics of one evaluation split (a RetrievalEvalDataset): every rank encodes its share of the images."""
+    loader = create_eval_loader(dataset, config['batch_size_test'], config['num_workers'], utils.get_rank(),
+                                utils.get_world_size())
+    scores_i2t, scores_t2i = evaluate_scores(model, loader, dataset.text, config, device, autocast)
+    return recall_metrics(scores_i2t, scores_t2i, dataset.txt2img, dataset.img2txt)
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 def _ranks_of(scores: np.ndarray) -> np.ndarray:
     """rank[q, c] = position of candidate c in query q's ranking (0 = best).
@@ -365,3 +375,32 @@ def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: dict
     return {'txt_r1': tr[0], 'txt_r5': tr[1], 'txt_r10': tr[2], 'txt_r_mean': txt_r_mean,
             'img_r1': ir[0], 'img_r5': ir[1], 'img_r10': ir[2], 'img_r_mean': img_r_mean,
             'r_mean': (txt_r_mean + img_r_mean) / 2}
+
+
+def chance_recall(txt2img: dict, img2txt: dict) -> dict:
+    """The expected recall metrics of a random ranking (same keys as `recall_metrics`), to read results against.
+
+    Text -> image: one right image among N, R@K = K/N. Image -> text: c right captions among T, R@K = 1 - the
+    chance that none of them is among the K drawn, C(T-c, K)/C(T, K), averaged over the images.
+    """
+    n_images, n_texts = len(img2txt), len(txt2img)
+
+    def none_in_top(right: int, k: int) -> float:
+        p = 1.0
+        for j in range(min(k, n_texts)):
+            p *= max(0, n_texts - right - j) / (n_texts - j)
+        return p
+
+    tr = [100.0 * float(np.mean([1.0 - none_in_top(len(texts), k) for texts in img2txt.values()])) for k in (1, 5, 10)]
+    ir = [100.0 * min(k, n_images) / n_images for k in (1, 5, 10)]
+    txt_r_mean, img_r_mean = sum(tr) / 3, sum(ir) / 3
+    return {'txt_r1': tr[0], 'txt_r5': tr[1], 'txt_r10': tr[2], 'txt_r_mean': txt_r_mean,
+            'img_r1': ir[0], 'img_r5': ir[1], 'img_r10': ir[2], 'img_r_mean': img_r_mean,
+            'r_mean': (txt_r_mean + img_r_mean) / 2}
+
+
+def format_recall(metrics: dict) -> str:
+    """One readable line, rounded: 'r_mean 75.57 | TR@1/5/10 68.00 92.00 96.00 | IR@1/5/10 ...'."""
+    return (f"r_mean {metrics['r_mean']:.2f} | TR@1/5/10 {metrics['txt_r1']:.2f} {metrics['txt_r5']:.2f} "
+            f"{metrics['txt_r10']:.2f} | IR@1/5/10 {metrics['img_r1']:.2f} {metrics['img_r5']:.2f} "
+            f"{metrics['img_r10']:.2f}")

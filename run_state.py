@@ -1,14 +1,18 @@
-"""What a fine-tune saves and how it continues: the run state, checkpoint_last.pth, exact resume, preemption.
+"""What a run writes and how a fine-tune continues: the output folder, the run state, checkpoint_last.pth,
+exact resume, stops on signals, and the test hooks.
 
 A module of its own so that train_retrieval.py keeps to the command line and the loops; the guarantees
-(atomic saves, bit-identical resume, clean stops on SIGTERM/SIGUSR1) are described in train_retrieval.py.
+(atomic saves, bit-identical resume, clean stops on SIGTERM/SIGUSR1/SIGINT) are described in train_retrieval.py.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import shlex
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,19 +21,34 @@ import numpy as np
 import torch
 
 import utils
+from config import RESULT_NEUTRAL_KEYS
 from models.checkpoint import read_checkpoint
 
 _logger = logging.getLogger('train_retrieval')
 
 LAST_CHECKPOINT = 'checkpoint_last.pth'
+BEST_CHECKPOINT = 'checkpoint_best.pth'
+TRAIN_LOG = 'log.txt'
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOG)
 RESUME_KEYS = ('model', 'optimizer', 'config', 'epoch', 'step', 'best_r_mean', 'best_epoch', 'best_test',
                'train_meters', 'rng_states', 'world_size')
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Stop after the current step and save. SIGTERM/SIGUSR1 are how schedulers preempt; SIGINT is Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_PREEMPTED = 0     # SIGTERM/SIGUSR1: a clean stop; the scheduler requeues, `--resume auto` continues
+EXIT_INTERRUPTED = 130  # SIGINT (128 + 2, the shell's convention), also after a clean save
+
+# Test hooks (environment variables), see train_retrieval.py's docstring.
 STOP_AFTER_STEPS_ENV = 'BLIP_STOP_AFTER_STEPS'
+STEP_TRACE_ENV = 'BLIP_STEP_TRACE'
+FAIL_AT_ENV = 'BLIP_FAIL_AT'
 
 
 class SetupError(RuntimeError):
     """Bad input found before training starts; the message names the item and the fix."""
+
+
+class InjectedFailure(RuntimeError):
+    """The BLIP_FAIL_AT test hook: a failure on one rank, as a bug or a CUDA error would be."""
 
 
 def warn_once(message: str, *args) -> None:
@@ -121,17 +140,24 @@ def read_resume_checkpoint(path: str, allow_unsafe: bool) -> dict:
 
 
 def adopt_resumed_config(config: dict, checkpoint: dict, path: str) -> None:
-    """Keep the checkpoint's data seed (the data order depends on it); warn about every other changed key."""
+    """Keep the checkpoint's data seed (the data order depends on it); warn about changed keys that change results.
+
+    Keys that change no number (RESULT_NEUTRAL_KEYS: logging, workers, evaluation batching...) get one info line.
+    """
     saved = checkpoint['config']
     if saved.get('seed') is not None and saved['seed'] != config['seed']:
         warn_once('Resuming with the checkpoint\'s seed %d (not %d): the data order depends on it',
                   saved['seed'], config['seed'])
         config['seed'] = saved['seed']
     changed = sorted(k for k in config if k in saved and saved[k] != config[k])
-    if changed:
-        differences = ', '.join(f'{k}: {saved[k]!r} -> {config[k]!r}' for k in changed)
+    describe = lambda keys: ', '.join(f'{k}: {saved[k]!r} -> {config[k]!r}' for k in keys)
+    neutral = [k for k in changed if k in RESULT_NEUTRAL_KEYS]
+    significant = [k for k in changed if k not in RESULT_NEUTRAL_KEYS]
+    if significant:
         warn_once('Resuming %s with config values that differ from the checkpoint\'s, so the run is not '
-                  'the one it would have been: %s', path, differences)
+                  'the one it would have been: %s', path, describe(significant))
+    if neutral and utils.is_main_process():
+        _logger.info('Resuming with other settings that change no result: %s', describe(neutral))
 
 
 def state_dict_mismatches(model: torch.nn.Module, state_dict: dict) -> list[str]:
@@ -191,7 +217,8 @@ def load_resume_state(checkpoint: dict, path: str, model, optimizer, config: dic
 
 # ---------------------------------------------------------------------------------------------- stopping
 class StopRequest:
-    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; the loop finishes its step, saves and exits.
+    """SIGTERM/SIGUSR1 (SLURM preemption) and a first SIGINT (Ctrl-C) set a flag; the loop finishes its step,
+    saves and exits. A second SIGINT aborts at once (KeyboardInterrupt), saving nothing more.
 
     `stop_after_steps` (the BLIP_STOP_AFTER_STEPS test hook) sets the same flag during that step.
     Use as a context manager: the previous signal handlers come back on exit.
@@ -207,7 +234,7 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread install them
             self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         else:
-            _logger.warning('Not in the main thread: SIGTERM/SIGUSR1 will not stop training gracefully')
+            _logger.warning('Not in the main thread: SIGTERM/SIGUSR1/SIGINT will not stop training gracefully')
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -217,6 +244,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         # No logging here: the handler may interrupt a write to the same stream.
+        if signum == signal.SIGINT and self.reason is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.reason is None:
             self.reason = signal.Signals(signum).name
 
@@ -226,11 +255,125 @@ class StopRequest:
             self.reason = f'{STOP_AFTER_STEPS_ENV}={self.stop_after_steps}'
         if self.reason is not None and not self._reported:
             self._reported = True
-            _logger.warning('Rank %d: %s, stopping after this step', utils.get_rank(), self.reason)
+            hint = ' (Ctrl-C again to abort without saving)' if self.reason == 'SIGINT' else ''
+            _logger.warning('Rank %d: %s, stopping after this step%s', utils.get_rank(), self.reason, hint)
 
     @property
     def requested(self) -> bool:
         return self.reason is not None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.reason == 'SIGINT' else EXIT_PREEMPTED
+
+
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """OR of per-rank flags over all ranks, so every rank stops at the same step."""
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    return [bool(v) for v in utils.all_reduce_sum_(tensor).gt(0).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- the output folder
+def check_output_dir(output_dir: str, resume: Optional[str], overwrite: bool) -> None:
+    """An output_dir that holds another run is only used to continue it (--resume) or replace it (--overwrite)."""
+    if resume and overwrite:
+        raise SetupError('--resume continues the run in output_dir and --overwrite deletes it: pass only one')
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+    if existing and not resume and not overwrite:
+        raise SetupError(f'{output_dir} already holds another run ({", ".join(existing)}); pass --resume auto to '
+                         'continue it, --overwrite to delete it and start afresh there, or choose another --output_dir')
+
+
+def check_writable(output_dir: str) -> None:
+    """Fail before any compute when output_dir cannot be written (read-only disk, no permission).
+
+    Probes the folder, or its nearest existing parent, with a temp file that is removed at once: nothing stays.
+    """
+    folder = os.path.abspath(output_dir)
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise SetupError(f'--output_dir {output_dir}: {folder} is a file, not a folder; choose another path')
+        folder = os.path.dirname(folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-probe-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise SetupError(f'--output_dir {output_dir} cannot be written ({error.strerror or error} in {folder}); '
+                         'point --output_dir at a writable disk') from None
+
+
+def trim_log(path: str, epoch: int) -> None:
+    """Keep the log records of epochs before `epoch`: a resumed run redoes the later ones (and drops a cut line)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith('\n') and isinstance(record, dict) and record.get('epoch', epoch) < epoch:
+            kept.append(line)
+    if len(kept) != len(lines):
+        utils.atomic_write_text(path, ''.join(kept))
+        _logger.warning('%s: dropped %d record(s) of epoch %d on; the resumed run writes them again',
+                        path, len(lines) - len(kept), epoch)
+
+
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Temp files of writes that a hard kill interrupted (the files they were to replace are intact)."""
+    prefixes = ('.' + LAST_CHECKPOINT + '.', '.' + BEST_CHECKPOINT + '.', TRAIN_LOG + '.')
+    for name in os.listdir(output_dir):
+        if name.startswith(prefixes) and name.endswith('.tmp'):
+            os.remove(os.path.join(output_dir, name))
+            _logger.info('Removed the unfinished write %s', name)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments plus --resume auto (under the same launcher)."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ('--resume', '--overwrite'):
+            skip = arg == '--resume'
+        elif not arg.startswith('--resume='):
+            args.append(arg)
+    script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_retrieval.py'))
+    launcher = 'torchrun <the same options>' if 'TORCHELASTIC_RUN_ID' in os.environ else 'python'
+    return ' '.join([launcher, shlex.quote(script), *map(shlex.quote, args), '--resume', 'auto'])
+
+
+# ---------------------------------------------------------------------------------------------- test hooks
+class StepTrace:
+    """The BLIP_STEP_TRACE test hook: one JSON line per training step and rank (no-op when unset)."""
+
+    def __init__(self, prefix: Optional[str], rank: int):
+        self.path = f'{prefix}.rank{rank}.jsonl' if prefix else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps({**record, 'pid': os.getpid()}) + '\n')
+
+
+def failure_from_env(rank: int) -> Optional[int]:
+    """The BLIP_FAIL_AT=RANK:STEP test hook: the global step (1-based) at which this rank fails, or None."""
+    value = os.environ.get(FAIL_AT_ENV)
+    if not value:
+        return None
+    try:
+        fail_rank, step = (int(part) for part in value.split(':'))
+    except ValueError:
+        raise SetupError(f'{FAIL_AT_ENV}={value!r} must be RANK:STEP, e.g. 1:5') from None
+    return step if fail_rank == rank else None
 
 
 def stop_after_steps_from_env() -> Optional[int]:
@@ -241,9 +384,3 @@ def stop_after_steps_from_env() -> Optional[int]:
         return int(value)
     except ValueError:
         raise SetupError(f'{STOP_AFTER_STEPS_ENV}={value!r} must be an integer number of steps') from None
-
-
-def agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """OR of per-rank flags over all ranks, so every rank stops at the same step."""
-    tensor = torch.tensor([float(f) for f in flags], device=device)
-    return [bool(v) for v in utils.all_reduce_sum_(tensor).gt(0).tolist()]

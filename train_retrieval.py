@@ -1,77 +1,95 @@
 """Fine-tune and evaluate BLIP for image-text retrieval (Flickr30k, COCO), launched with torchrun.
 
 Evaluate an official checkpoint (8 GPUs; `--nproc_per_node=1` for one GPU):
-    torchrun --nproc_per_node=8 train_retrieval.py --config configs/retrieval_flickr.yaml \
+    torchrun --nproc_per_node=8 train_retrieval.py --config configs/retrieval_flickr.yaml \\
         --output_dir output/retrieval_flickr --evaluate
+Evaluate your own fine-tune: add `--options pretrained=<its output_dir>/checkpoint_best.pth`.
 Fine-tune (set `pretrained` to a pre-trained checkpoint, e.g. model_base.pth):
-    torchrun --nproc_per_node=8 train_retrieval.py --config configs/retrieval_flickr.yaml \
+    torchrun --nproc_per_node=8 train_retrieval.py --config configs/retrieval_flickr.yaml \\
         --output_dir output/retrieval_flickr_finetuned
 Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 ...
 SLURM: srun python train_retrieval.py ... (one task per GPU; MASTER_PORT exported).
 CPU demo: python train_retrieval.py --config configs/retrieval_demo.yaml --device cpu
+Without --output_dir a run writes to output/<config file name>, e.g. output/retrieval_demo.
 
 Never losing a run:
   * checkpoint_last.pth is written atomically (temp file + rename) when an epoch's training ends, again
     after its evaluation, and every `save_every_steps` steps; it holds the weights with the queues, the
     optimizer, epoch and step, the best val r_mean so far, the config and the RNG states of every rank.
-    checkpoint_best.pth is only ever replaced by a better one, also atomically.
+    checkpoint_best.pth is only ever replaced by a better one, also atomically. A write that fails (full
+    disk, read-only file system) leaves the previous file as it was and stops the run, naming the space needed.
   * Run the same command plus `--resume auto` (or `--resume PATH`) to continue exactly where it stopped:
     same data order, learning rate, alpha, queues and random draws, hence the same weights bit for bit.
     With another number of processes, keep the global batch (batch_size_train x processes) and every
     global step still sees the same samples; weights, optimizer, queues, lr and alpha carry over, but the
     per-rank split of the loss and the random draws (dropout, hard negatives) differ.
-  * SIGTERM or SIGUSR1 (SLURM preemption, `scancel`, torchrun forwarding them) finish the current step on
-    every rank, save checkpoint_last.pth and exit with code 0 and a message (torchrun itself, having been
-    signalled, still exits non-zero). A signal during evaluation stops the run once the epoch is saved.
-    torchrun gives its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) before killing them, enough
-    for a step and a save; it forwards SIGUSR1 only when TORCHELASTIC_SIGNALS_TO_HANDLE lists it (e.g.
-    SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1). DataLoader workers ignore both signals and end with their process.
+  * Signals. SIGTERM or SIGUSR1 (SLURM preemption, `scancel`, torchrun forwarding them) and a first Ctrl-C
+    (SIGINT) finish the current step on every rank, save checkpoint_last.pth, print the command that continues
+    and exit: code 0 after SIGTERM/SIGUSR1 (a scheduler requeues), 130 after Ctrl-C. A second Ctrl-C stops at
+    once (code 130; checkpoint_last.pth stays as last saved). A signal during evaluation stops the run once the
+    epoch is saved. torchrun itself, having been signalled, exits non-zero; it gives its workers
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) before killing them, enough for a step and a save, and
+    forwards SIGUSR1 only when TORCHELASTIC_SIGNALS_TO_HANDLE lists it (e.g. SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1).
+    DataLoader workers ignore these signals and end with their process.
+  * A rank that fails (a bug, a CUDA error, an image that became unreadable, a full disk) tells the others
+    through the rendezvous store, and every rank exits within seconds (code 1), under torchrun or a plain srun
+    launch; the message names the failing rank and its error. Under `torchrun --max-restarts=N ... --resume
+    auto` the job then continues from the last checkpoint_last.pth on its own.
   * A non-finite loss stops the run before the step is applied (exit code 1), naming the step and the
     losses of every rank; the last checkpoint is left as it was.
+  * Bad input (config typos, missing images or annotations, a checkpoint that does not fit) is found before any
+    compute and reported once, from rank 0, in one message (exit code 2).
 
-Test hooks (environment variables, used by tests/test_resume.py):
+Test hooks (environment variables, used by tests/test_resume.py and tests/test_failures.py):
   BLIP_STOP_AFTER_STEPS=N   behave as if SIGTERM arrived during the N-th training step of the run
                             (counted from epoch 0, step 0): the same code path as a real preemption.
   BLIP_STEP_TRACE=PREFIX    every rank appends one JSON line per step (epoch, step, lr, alpha, the batch's
-                            image indices and captions, the losses) to PREFIX.rank<R>.jsonl.
+                            image indices and captions, the losses, its pid) to PREFIX.rank<R>.jsonl.
+  BLIP_FAIL_AT=RANK:N       that rank raises an error during the N-th training step (a bug on one rank).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Optional
+import time
+from typing import Callable, Optional
 
 import torch
 
 import utils
 from config import ConfigError, load_config, save_config
-from data import (DataError, create_datasets, create_eval_loader, create_train_loader, ensure_annotations,
-                  set_loader_epoch)
-from data.retrieval_dataset import find_unreadable_images
-from evaluation import evaluate_scores, recall_metrics
-from models import blip_retrieval
+from data import (DataError, check_images, create_datasets, create_train_loader, prepare_data, set_loader_epoch)
+from data.loaders import default_num_workers, worker_error_message
+from evaluation import chance_recall, evaluate_split, format_recall
+from models import model_from_config
 from models.checkpoint import CheckpointError
-from run_state import (LAST_CHECKPOINT, RunState, SetupError, StopRequest, adopt_resumed_config, agree,
-                       load_resume_state, read_resume_checkpoint, resume_path, save_last, set_rng_state,
-                       stop_after_steps_from_env, warn_once)
+from models.tokenizer import TokenizerError
+from run_state import (BEST_CHECKPOINT, EXIT_INTERRUPTED, LAST_CHECKPOINT, RUN_FILES, STEP_TRACE_ENV, TRAIN_LOG,
+                       InjectedFailure, RunState, SetupError, StepTrace, StopRequest, adopt_resumed_config, agree,
+                       check_output_dir, check_writable, failure_from_env, load_resume_state,
+                       read_resume_checkpoint, remove_stale_temp_files, resume_command, resume_path, save_last,
+                       set_rng_state, stop_after_steps_from_env, trim_log, warn_once)
 
 _logger = logging.getLogger('train_retrieval')
 
-BEST_CHECKPOINT = 'checkpoint_best.pth'
-TRAIN_LOG = 'log.txt'
-RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOG)
-STEP_TRACE_ENV = 'BLIP_STEP_TRACE'
-EXIT_USER_ERROR = 2
-EXIT_NONFINITE = 1
-EXIT_PREEMPTED = 0  # a clean stop: the scheduler requeues, `--resume auto` continues
+EXIT_FAILED = 1       # a failure during the run: a bug, a failing rank, a full disk, a non-finite loss
+EXIT_NONFINITE = EXIT_FAILED
+EXIT_USER_ERROR = 2   # bad input found before any compute
+# Found before any compute, identical on every rank: reported once, by rank 0, without a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, SetupError, TokenizerError, utils.LaunchError)
 
 
 class NonFiniteLossError(RuntimeError):
     """A training loss was NaN or infinite; the step was not applied."""
+
+
+class TrainingDataError(RuntimeError):
+    """An image that passed the check before training could not be read during it (also on the retry)."""
 
 
 class Preempted(Exception):
@@ -92,8 +110,11 @@ def str2bool(value: str) -> bool:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default='./configs/retrieval_flickr.yaml', help='YAML config')
-    parser.add_argument('--output_dir', default='output/Retrieval_flickr', help='logs, configs and checkpoints')
+    parser.add_argument('--output_dir', default=None,
+                        help='logs, configs and checkpoints (default: output/<config file name without .yaml>)')
     parser.add_argument('--evaluate', action='store_true', help='evaluate val and test once, no training')
+    parser.add_argument('--allow_random_weights', action='store_true',
+                        help="with --evaluate and pretrained '': evaluate a randomly initialised model on purpose")
     parser.add_argument('--device', default='cuda', help='cuda or cpu')
     parser.add_argument('--seed', default=42, type=int,
                         help='base seed (each rank adds its rank); a resumed run keeps its checkpoint\'s seed')
@@ -108,90 +129,51 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=f"continue from a {LAST_CHECKPOINT} ('auto': output_dir's, if there is one)")
     parser.add_argument('--overwrite', action='store_true',
                         help="start afresh in an output_dir that holds another run's checkpoints (deletes them)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.output_dir is None:
+        args.output_dir = os.path.join('output', os.path.splitext(os.path.basename(args.config))[0])
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- input checks
-def run_on_main(fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 only; every rank gets its result, or raises its error (no rank hangs)."""
-    result, error = None, None
-    if utils.is_main_process():
-        try:
-            result = fn()
-        except (DataError, SetupError, CheckpointError, OSError, ValueError) as exc:
-            error = f'{type(exc).__name__}: {exc}'
-    result, error = utils.broadcast_object((result, error))
-    if error:
-        raise SetupError(error.split(': ', 1)[1])
-    return result
-
-
-def prepare_data(config: dict, evaluate: bool) -> None:
-    """Fetch what the run needs (annotations, or the demo data) before any dataset is built."""
-    if config['dataset'] == 'demo':
-        from data.demo import ensure_demo_data
-        ensure_demo_data(config['image_root'])
-    else:
-        splits = ('val', 'test') if evaluate else ('train', 'val', 'test')
-        ensure_annotations(config['ann_root'], config['dataset'], splits)
-
-
-def check_images(datasets: dict, image_root: str, shown_per_split: int = 20) -> None:
-    """Every image of every split must exist and look like an image: all listed at once, not found on step 3,000.
-
-    Cheap (a stat and a few bytes per file, see `find_unreadable_images`); decoding every image is left
-    to `python -m data.prepare_flickr30k`.
-    """
-    problems = {split: find_unreadable_images(image_root, ds.image_paths()) for split, ds in datasets.items()}
-    problems = {split: found for split, found in problems.items() if found}
-    if not problems:
-        return
-    lines = []
-    for split, found in problems.items():
-        lines.append(f'  {split}: {len(found)} of {len(datasets[split].image_paths())} images')
-        lines += [f'    {path}: {problem}' for path, problem in list(found.items())[:shown_per_split]]
-        if len(found) > shown_per_split:
-            lines.append(f'    ... and {len(found) - shown_per_split} more')
-    raise SetupError(f'images named by the annotations are missing or unreadable under image_root={image_root!r}:\n'
-                     + '\n'.join(lines) + '\nPoint image_root at the folder holding them (e.g. the Kaggle "Images" '
-                     "folder's parent) and replace empty or broken files; `python -m data.prepare_flickr30k --root "
-                     'DIR` checks and repairs a Flickr30k download.')
-
-
 def check_batch_sizes(config: dict, train_size: int, world_size: int) -> None:
     """The queue takes whole global batches, and one global batch must fit in the training set."""
-    batch = config['batch_size_train']
+    batch, queue = config['batch_size_train'], config['queue_size']
     global_batch = batch * world_size
-    if config['queue_size'] % global_batch:
-        valid = range(global_batch, 2 * config['queue_size'] + global_batch, global_batch)
-        nearest = sorted(sorted(valid, key=lambda q: abs(q - config['queue_size']))[:2])
-        raise SetupError(f"queue_size {config['queue_size']} is not divisible by the global batch size "
-                         f"{global_batch} (batch_size_train {batch} x {world_size} processes); "
-                         f"use queue_size={' or '.join(map(str, nearest))} (any multiple of {global_batch})")
+    if queue % global_batch:
+        valid = range(global_batch, 2 * queue + global_batch, global_batch)
+        nearest = sorted(sorted(valid, key=lambda q: abs(q - queue))[:2])
+        fitting = [b for b in range(1, 2 * batch + 1) if queue % (b * world_size) == 0]
+        batches = sorted(sorted(fitting, key=lambda b: abs(b - batch))[:2])
+        raise SetupError(f"queue_size {queue} is not divisible by the global batch size {global_batch} "
+                         f"(batch_size_train {batch} x {world_size} processes); use queue_size="
+                         f"{' or '.join(map(str, nearest))} (any multiple of {global_batch})"
+                         + (f", or batch_size_train={' or '.join(map(str, batches))}" if batches else ''))
     if global_batch > train_size:
         raise SetupError(f'global batch size {global_batch} (batch_size_train {batch} x {world_size} processes) is '
                          f'larger than the {train_size} training samples; lower batch_size_train to at most '
                          f'{max(1, train_size // world_size)}')
 
 
-def check_output_dir(output_dir: str, resume: Optional[str], overwrite: bool) -> None:
-    """An output_dir that holds another run is only used to continue it (--resume) or replace it (--overwrite)."""
-    if resume and overwrite:
-        raise SetupError('--resume continues the run in output_dir and --overwrite deletes it: pass only one')
-    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
-    if existing and not resume and not overwrite:
-        raise SetupError(f'{output_dir} already holds another run ({", ".join(existing)}); pass --resume auto to '
-                         'continue it, --overwrite to delete it and start afresh there, or choose another --output_dir')
+def check_pretrained_for_evaluation(config: dict, args: argparse.Namespace) -> None:
+    """Evaluating random weights is almost always a mistake (a config with `pretrained: ''`): refuse it."""
+    if args.evaluate and not config['pretrained'] and not args.allow_random_weights:
+        raise SetupError(
+            "--evaluate with `pretrained: ''` would evaluate randomly initialised weights (recall at chance). "
+            f"To evaluate your fine-tune, add: --options pretrained={args.output_dir}/{BEST_CHECKPOINT} "
+            '(or the path of another checkpoint); to evaluate random weights on purpose, add --allow_random_weights')
 
 
-def build_model(config: dict, pretrained: Optional[str] = None):
-    return blip_retrieval(
-        pretrained=config['pretrained'] if pretrained is None else pretrained,
-        med_config=config['med_config'], image_size=config['image_size'], vit=config['vit'],
-        vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
-        embed_dim=config['embed_dim'], queue_size=config['queue_size'], momentum=config['momentum'],
-        negative_all_rank=config['negative_all_rank'], tokenizer=config['tokenizer'],
-        sha256=config['sha256'], allow_unsafe_checkpoint=config['allow_unsafe_checkpoint'])
+def resolve_num_workers(config: dict, world_size: int) -> None:
+    """num_workers null: the original's 4, or fewer when this machine has fewer CPUs per process (said once)."""
+    if config['num_workers'] is not None:
+        return
+    per_node = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+    config['num_workers'] = default_num_workers(per_node)
+    if config['num_workers'] < 4 and utils.is_main_process():
+        _logger.info('num_workers %d per process: this machine has %d CPU(s) for %d process(es) '
+                     '(set num_workers to choose)', config['num_workers'], os.cpu_count() or 1, per_node)
 
 
 def build_optimizer(model, config: dict, device: torch.device) -> torch.optim.Optimizer:
@@ -200,26 +182,28 @@ def build_optimizer(model, config: dict, device: torch.device) -> torch.optim.Op
                              fused=device.type == 'cuda')
 
 
-class StepTrace:
-    """The BLIP_STEP_TRACE test hook: one JSON line per training step and rank (no-op when unset)."""
-
-    def __init__(self, prefix: Optional[str], rank: int):
-        self.path = f'{prefix}.rank{rank}.jsonl' if prefix else None
-
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None
-
-    def write(self, **record) -> None:
-        if self.path:
-            with open(self.path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-
-
 # ---------------------------------------------------------------------------------------------- epochs
+def positioned_batches(loader, epoch: int, start: int, steps_per_epoch: int):
+    """The loader's batches; a sample that cannot be read stops the run with its epoch and step."""
+    iterator, step = iter(loader), start
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except DataError as error:
+            raise TrainingDataError(
+                f'epoch {epoch} step {step} (global step {epoch * steps_per_epoch + step}): '
+                f'{worker_error_message(error)}\nThe sample is not replaced by another one (that would change the '
+                f'data order that --resume relies on); {LAST_CHECKPOINT} is as last saved. Restore the file, then '
+                'continue with --resume auto.') from None
+        yield batch
+        step += 1
+
+
 def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: RunState, device: torch.device,
                     autocast, stop: StopRequest, save_fn: Callable[[], None], writer: utils.TensorboardWriter,
-                    trace: StepTrace) -> dict:
+                    trace: StepTrace, fail_at: Optional[int]) -> dict:
     """Train the rest of `state.epoch` from `state.step`; `state` advances with every step.
 
     Raises Preempted after the step during which a stop was requested (on any rank), and
@@ -230,16 +214,21 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
     progress = utils.ProgressLogger(steps_per_epoch, f'Train Epoch [{epoch}]', config['log_every'])
     sums = dict(state.train_meters)
     lr = optimizer.param_groups[0]['lr']
-    for step, (image, caption, idx) in enumerate(progress.iter(loader, start=state.step), start=state.step):
+    batches = positioned_batches(loader, epoch, state.step, steps_per_epoch)
+    for step, (image, caption, idx) in enumerate(progress.iter(batches, start=state.step), start=state.step):
+        global_step = epoch * steps_per_epoch + step
         image, idx = image.to(device, non_blocking=True), idx.to(device, non_blocking=True)
         alpha = utils.ramp_alpha(config['alpha'], epoch, step, steps_per_epoch)
         tokens = raw_model.tokenize(caption)
-        with (autocast() if autocast else _null()):
+        with (autocast() if autocast else contextlib.nullcontext()):
             loss_ita, loss_itm = model(image, tokens, alpha=alpha, idx=idx)
         loss = loss_ita + loss_itm
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        stop.note_step(epoch * steps_per_epoch + step + 1)
+        if fail_at == global_step + 1:
+            raise InjectedFailure(f'BLIP_FAIL_AT: injected failure on rank {utils.get_rank()} at epoch {epoch} '
+                                  f'step {step}')
+        stop.note_step(global_step + 1)
         losses, mean_losses, stopping = reduce_step(loss_ita, loss_itm, stop.requested, device)
         if not all(map(math.isfinite, mean_losses)):  # non-finite on some rank: every rank sees it here
             raise NonFiniteLossError(nonfinite_message(epoch, step, steps_per_epoch, losses))
@@ -254,7 +243,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
         state.step, state.train_meters = step + 1, sums
         if step % config['log_every'] == 0:
             writer.add_scalars({'train/loss_ita': mean_losses[0], 'train/loss_itm': mean_losses[1], 'train/lr': lr,
-                                'train/alpha': alpha}, epoch * steps_per_epoch + step)
+                                'train/alpha': alpha}, global_step)
         if stopping:
             raise Preempted()
         if config['save_every_steps'] and state.step % config['save_every_steps'] == 0 \
@@ -289,88 +278,35 @@ def nonfinite_message(epoch: int, step: int, steps_per_epoch: int, losses: list[
             'precision fp32, then continue with --resume auto.')
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def evaluate_split(model, dataset, config: dict, dist_info, autocast) -> dict:
-    loader = create_eval_loader(dataset, config['batch_size_test'], config['num_workers'], dist_info.rank,
-                                dist_info.world_size)
-    scores_i2t, scores_t2i = evaluate_scores(model, loader, dataset.text, config, dist_info.device, autocast)
-    return recall_metrics(scores_i2t, scores_t2i, dataset.txt2img, dataset.img2txt)
-
-
-# ---------------------------------------------------------------------------------------------- output files
-def append_json(path: str, record: dict) -> None:
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp_path = f'{path}.{os.getpid()}.tmp'
-    with open(tmp_path, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-
-
-def trim_log(path: str, epoch: int) -> None:
-    """Keep the log records of epochs before `epoch`: a resumed run redoes the later ones (and drops a cut line)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if line.endswith('\n') and isinstance(record, dict) and record.get('epoch', epoch) < epoch:
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write_text(path, ''.join(kept))
-        _logger.warning('%s: dropped %d record(s) of epoch %d on; the resumed run writes them again',
-                        path, len(lines) - len(kept), epoch)
-
-
-def remove_stale_temp_files(output_dir: str) -> None:
-    """Temp files of writes that a hard kill interrupted (the files they were to replace are intact)."""
-    prefixes = ('.' + LAST_CHECKPOINT + '.', '.' + BEST_CHECKPOINT + '.', TRAIN_LOG + '.')
-    for name in os.listdir(output_dir):
-        if name.startswith(prefixes) and name.endswith('.tmp'):
-            os.remove(os.path.join(output_dir, name))
-            _logger.info('Removed the unfinished write %s', name)
-
-
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     root = logging.getLogger()
     handlers_before, level_before = list(root.handlers), root.level
-    utils.setup_logging(None, int(os.environ.get('RANK', 0)))
+    utils.setup_logging(None, utils.launch_rank())
+    failed = True
     try:
         config = load_config(args.config, args.options)
         if not args.distributed:
             for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS'):
                 os.environ.pop(name, None)
         dist_info = utils.init_distributed(args.device, args.dist_url)
-        return run(args, config, dist_info)
-    except (ConfigError, DataError, CheckpointError, SetupError) as error:
-        _logger.error('%s', error)
-        return EXIT_USER_ERROR
-    except NonFiniteLossError as error:
-        _logger.error('%s', error)
-        return EXIT_NONFINITE
+        code = run(args, config, dist_info)
+        failed = False
+        return code
+    except USER_ERRORS as error:
+        return fail(str(error), EXIT_USER_ERROR, shared=True)
+    except NonFiniteLossError as error:  # every rank raises it at the same step
+        return fail(str(error), EXIT_NONFINITE, shared=True)
+    except (TrainingDataError, utils.DiskWriteError) as error:
+        return fail(str(error), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return fail(f'Interrupted: stopped at once. {LAST_CHECKPOINT} in {args.output_dir}, if any, is as last saved',
+                    EXIT_INTERRUPTED, shared=True)
+    except Exception as error:  # a bug, a CUDA error, a collective broken by a failed peer
+        return fail(f'{type(error).__name__}: {error}', EXIT_FAILED, with_traceback=True)
     finally:
-        utils.destroy_distributed()
+        utils.destroy_distributed(failed=failed)
         # Called in-process (tests, notebooks): leave the root logger as it was, train.log closed.
         for handler in [h for h in root.handlers if h not in handlers_before]:
             root.removeHandler(handler)
@@ -378,10 +314,49 @@ def main(argv: Optional[list[str]] = None) -> int:
         root.setLevel(level_before)
 
 
+def fail(message: str, exit_code: int, shared: bool = False, with_traceback: bool = False) -> int:
+    """Report a failure once and tell the other ranks; returns the exit code.
+
+    `shared`: every rank meets the same error (bad input, a non-finite loss, Ctrl-C), so only rank 0 prints it.
+    Otherwise the failing rank prints its own error, unless it follows from another rank's failure reported
+    first (its collective broke): then it names that one. Under torchrun the message also goes to the worker's
+    error file, so that torchrun's failure summary shows it as the root cause.
+    """
+    rank = utils.launch_rank()
+    first = utils.report_failure(message, exit_code)  # the first failure reported by any rank
+    if not shared and first['rank'] != rank:
+        _logger.error('Rank %d stops because rank %s failed: %s', rank, first['rank'], first['message'])
+        write_torchrun_error_file(f"stopped because rank {first['rank']} failed (see its message)", later=True)
+    elif shared:
+        if rank == 0:
+            _logger.error('%s', message)
+        write_torchrun_error_file(message if rank == 0 else 'the same error as rank 0', later=rank != 0)
+    else:
+        if with_traceback:
+            _logger.exception('Rank %d failed: %s', rank, message)
+        else:
+            _logger.error('%s', message if rank == 0 else f'Rank {rank}: {message}')
+        write_torchrun_error_file(message)
+    return exit_code
+
+
+def write_torchrun_error_file(message: str, later: bool = False) -> None:
+    """torchrun's agent reads a failed worker's TORCHELASTIC_ERROR_FILE ({"message", "timestamp"}, the format of
+    torch.distributed.elastic's error handler) and names the earliest as the root cause; `later` puts this rank's
+    after the rank whose error it repeats."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if path:
+        with contextlib.suppress(OSError):
+            with open(path, 'w') as f:
+                json.dump({'message': message, 'timestamp': int(time.time()) + int(later)}, f)
+
+
 def run(args: argparse.Namespace, config: dict, dist_info) -> int:
     """Check every input, then evaluate or train; nothing is written before all checks have passed."""
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
     config['seed'] = args.seed if config['seed'] is None else config['seed']  # data order and augmentation
+    check_pretrained_for_evaluation(config, args)
+    check_writable(args.output_dir)
     checkpoint, last_path = None, None
     if not args.evaluate:
         check_output_dir(args.output_dir, args.resume, args.overwrite)
@@ -391,17 +366,25 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
             checkpoint = read_resume_checkpoint(last_path, config['allow_unsafe_checkpoint'])
             adopt_resumed_config(config, checkpoint, last_path)
     utils.seed_everything(config['seed'] + rank)  # dropout and negative sampling: per rank, as the original
+    resolve_num_workers(config, world_size)
+    if utils.is_main_process():
+        _logger.info('Output folder: %s', os.path.abspath(args.output_dir))
 
-    run_on_main(lambda: prepare_data(config, args.evaluate))
-    if config['dataset'] == 'demo':
-        config['ann_root'] = os.path.join(config['image_root'], 'annotation')
     splits = ('val', 'test') if args.evaluate else ('train', 'val', 'test')
+    utils.run_on_main(lambda: prepare_data(config, splits), USER_ERRORS)
     datasets = create_datasets(config, splits)
-    run_on_main(lambda: check_images(datasets, config['image_root']))
+    if utils.is_main_process():
+        _logger.info('Checking the %d images of %s under %s', sum(len(ds.image_paths()) for ds in datasets.values()),
+                     '/'.join(splits), config['image_root'])
+    utils.run_on_main(lambda: check_images(datasets, config['image_root']), USER_ERRORS)
     if not args.evaluate:
         check_batch_sizes(config, len(datasets['train']), world_size)
+    if utils.is_main_process():
+        source = 'from the resumed checkpoint' if checkpoint else (config['pretrained'] or 'random initialisation')
+        _logger.info('Building the model (vit %s, %d px, text encoder %s); weights: %s', config['vit'],
+                     config['image_size'], os.path.basename(config['med_config']), source)
     # A resumed run gets its weights from the checkpoint: `pretrained` need not be there any more.
-    model = build_model(config, pretrained='' if checkpoint else None).to(device)
+    model = model_from_config(config, pretrained='' if checkpoint else None).to(device)
     optimizer, state = None, RunState()
     if not args.evaluate:
         optimizer = build_optimizer(model, config, device)
@@ -417,6 +400,10 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
     # All checks passed: from here on the run writes its outputs.
     os.makedirs(args.output_dir, exist_ok=True)
     utils.setup_logging(args.output_dir, rank)
+    restart = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    if restart != '0' and utils.is_main_process():
+        _logger.warning('torchrun restart %s of this job (TORCHELASTIC_RESTART_COUNT=%s): %s', restart, restart,
+                        'continuing from the last checkpoint' if state.epoch or state.step else 'starting afresh')
     if utils.is_main_process():
         if args.overwrite:
             for name in RUN_FILES:
@@ -426,18 +413,23 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
         save_config(config, os.path.join(args.output_dir, 'config.yaml'))
 
     if args.evaluate:
-        return run_evaluation(model, datasets, config, dist_info, autocast, args.output_dir)
+        return run_evaluation(model, datasets, config, device, autocast, args.output_dir)
     return run_training(args, model, optimizer, state, datasets, config, dist_info, autocast)
 
 
-def run_evaluation(model, datasets, config, dist_info, autocast, output_dir: str) -> int:
-    results = {split: evaluate_split(model, datasets[split], config, dist_info, autocast) for split in ('val', 'test')}
+def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -> int:
+    results = {split: evaluate_split(model, datasets[split], config, device, autocast) for split in ('val', 'test')}
     if utils.is_main_process():
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
-        append_json(os.path.join(output_dir, 'evaluate.txt'), record)
+        utils.append_json(os.path.join(output_dir, 'evaluate.txt'), record)
+        summary = [f'Evaluated {config["pretrained"] or "random weights"}']
         for split in ('val', 'test'):
-            _logger.info('%s: %s', split.capitalize(), json.dumps(results[split]))
-            print(f'{split}: ' + json.dumps(results[split]), flush=True)
+            dataset = datasets[split]
+            chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']
+            summary.append(f'  {split:<4} {format_recall(results[split])}  (chance r_mean {chance:.2f}; '
+                           f'{len(dataset)} images, {len(dataset.text)} texts)')
+        summary.append(f'  written to {os.path.join(output_dir, "evaluate.txt")}')
+        print('\n'.join(summary), flush=True)
     return 0
 
 
@@ -461,10 +453,18 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
         # features), so DDP need not broadcast 2 x 57600 x 256 floats of buffers each step.
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+    resumed_at = state.epoch * state.steps_per_epoch + state.step
+    # A resumed run redoes the steps after its checkpoint: their earlier TensorBoard points are purged.
     writer = utils.TensorboardWriter(os.path.join(output_dir, 'tensorboard')
-                                     if config['tensorboard'] and utils.is_main_process() else None)
+                                     if config['tensorboard'] and utils.is_main_process() else None,
+                                     purge_step=resumed_at or None)
     trace = StepTrace(os.environ.get(STEP_TRACE_ENV), rank)
+    fail_at = failure_from_env(rank)
     saved_at: list[tuple[int, int]] = []
+    if utils.is_main_process():
+        _logger.info('Training %d epochs of %d steps (global batch %d = %d x %d processes)%s', config['max_epoch'],
+                     state.steps_per_epoch, config['batch_size_train'] * world_size, config['batch_size_train'],
+                     world_size, f', from epoch {state.epoch} step {state.step}' if resumed_at else '')
 
     def save() -> None:
         """checkpoint_last.pth of the current position (once per position)."""
@@ -483,10 +483,10 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                                                         config['min_lr']))
                 set_loader_epoch(loader, epoch, state.step)
                 train_stats = train_one_epoch(train_model, model, loader, optimizer, config, state, device,
-                                              autocast, stop, save, writer, trace)
+                                              autocast, stop, save, writer, trace, fail_at)
                 save()  # the epoch's training is safe before its (possibly long) evaluation
-                val = evaluate_split(model, datasets['val'], config, dist_info, autocast)
-                test = evaluate_split(model, datasets['test'], config, dist_info, autocast)
+                val = evaluate_split(model, datasets['val'], config, device, autocast)
+                test = evaluate_split(model, datasets['test'], config, device, autocast)
                 if val['r_mean'] > state.best_r_mean:
                     state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
                     if utils.is_main_process():
@@ -499,9 +499,13 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                               **{f'val_{k}': v for k, v in val.items()},
                               **{f'test_{k}': v for k, v in state.best_test.items()},
                               'epoch': epoch, 'best_epoch': state.best_epoch}
-                    append_json(log_path, record)
-                    writer.add_scalars({f'val/{k}': v for k, v in val.items()}, epoch)
-                    _logger.info('Epoch %d: val %s | test %s', epoch, json.dumps(val), json.dumps(test))
+                    utils.append_json(log_path, record)
+                    # Same x axis as the train curves: the global step at the end of the epoch.
+                    epoch_end = (epoch + 1) * state.steps_per_epoch
+                    writer.add_scalars({**{f'val/{k}': v for k, v in val.items()},
+                                        **{f'test/{k}': v for k, v in test.items()}}, epoch_end)
+                    _logger.info('Epoch %d: val %s | test (this epoch) %s | log.txt keeps the test of the best epoch '
+                                 '(%d)', epoch, format_recall(val), format_recall(test), state.best_epoch)
                 state.epoch, state.step, state.train_meters = epoch + 1, 0, {}
                 save()
                 # A signal that came during evaluation: the epoch is saved, stop before the next one.
@@ -509,14 +513,34 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                     raise Preempted()
         except Preempted:
             save()
-            warn_once('Stopped by %s at epoch %d step %d of %d; saved %s. Continue with the same command '
-                      'plus --resume auto', stop.reason or 'another rank', state.epoch, state.step,
-                      state.steps_per_epoch, last_path)
-            return EXIT_PREEMPTED
+            warn_once('Stopped by %s at epoch %d step %d of %d; saved %s. Continue with:\n  %s',
+                      stop.reason or 'another rank', state.epoch, state.step, state.steps_per_epoch, last_path,
+                      resume_command(args.argv))
+            return stop.exit_code
         finally:
             writer.close()
-    _logger.info('Training done: best val r_mean %.2f at epoch %d', state.best_r_mean, state.best_epoch)
+    if utils.is_main_process():
+        print(training_summary(state, datasets, output_dir), flush=True)
     return 0
+
+
+def training_summary(state: RunState, datasets: dict, output_dir: str) -> str:
+    """The last lines of a fine-tune: the best epoch's recall against chance, and where its files are."""
+    log = os.path.join(output_dir, TRAIN_LOG)
+    with open(log) as f:
+        records = [json.loads(line) for line in f]
+    best = [r for r in records if r.get('epoch') == state.best_epoch][-1:]
+    val = {k[len('val_'):]: v for k, v in best[0].items() if k.startswith('val_')} if best else {}
+    lines = [f'Training done: best epoch {state.best_epoch} (by val r_mean)']
+    for split, metrics in (('val', val), ('test', state.best_test)):
+        dataset = datasets[split]
+        chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']
+        if metrics:
+            lines.append(f'  {split:<4} {format_recall(metrics)}  (chance r_mean {chance:.2f})')
+    lines.append(f'  checkpoint: {os.path.join(output_dir, BEST_CHECKPOINT)}')
+    lines.append(f'  log: {log} (one line per epoch), TensorBoard: tensorboard --logdir '
+                 f'{os.path.join(output_dir, "tensorboard")}')
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

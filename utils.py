@@ -1,11 +1,13 @@
-"""Shared runtime helpers: distributed setup and collectives, logging, LR schedule,
-progress reporting, atomic checkpoint writes, seeding and TensorBoard.
+"""Shared runtime helpers: distributed setup, collectives and failure handling, logging, LR schedule,
+progress reporting, atomic file writes, seeding and TensorBoard.
 
 This is the only module in the project that imports ``torch.distributed``; every
 helper works without a process group (rank 0, world size 1, collectives are no-ops).
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import math
 import os
@@ -13,11 +15,12 @@ import random
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,6 +31,10 @@ _logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- #
 # Distributed setup
 # --------------------------------------------------------------------------- #
+class LaunchError(RuntimeError):
+    """The launch environment cannot work (no GPU, a half-set SLURM environment); the message says the fix."""
+
+
 @dataclass
 class DistInfo:
     """Where this process sits in the job and which device it computes on."""
@@ -44,7 +51,7 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _slurm_master_addr() -> str:
@@ -60,13 +67,13 @@ def _slurm_master_addr() -> str:
                 check=True, capture_output=True, text=True, timeout=60,
             ).stdout.split()
         except (OSError, subprocess.SubprocessError) as err:
-            raise RuntimeError(
+            raise LaunchError(
                 f"could not resolve MASTER_ADDR from SLURM_NODELIST={nodelist!r} "
                 f"with `scontrol show hostnames` ({err}); export MASTER_ADDR yourself"
             ) from err
         if out:
             return out[0]
-    raise RuntimeError(
+    raise LaunchError(
         "running under SLURM but MASTER_ADDR is not set and neither "
         "SLURM_LAUNCH_NODE_IPADDR nor SLURM_NODELIST is available; export MASTER_ADDR"
     )
@@ -88,7 +95,7 @@ def _read_launch_env() -> tuple[int, int, int, str]:
             if not os.environ.get("MASTER_ADDR"):
                 os.environ["MASTER_ADDR"] = _slurm_master_addr()
             if not os.environ.get("MASTER_PORT"):
-                raise RuntimeError(
+                raise LaunchError(
                     "running under SLURM with several tasks but MASTER_PORT is not set; "
                     "export MASTER_PORT=<free port, e.g. 29500> in the job script"
                 )
@@ -108,11 +115,11 @@ def init_distributed(device: str = "cuda", dist_url: str = "env://",
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available; "
-                               "run with --device cpu")
+            raise LaunchError("--device cuda (the default) but CUDA is not available on this machine "
+                              f"(torch {torch.__version__}); run with --device cpu")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU: only "
-                               f"{torch.cuda.device_count()} visible on this node")
+            raise LaunchError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible on "
+                              "this node; start at most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
 
@@ -126,13 +133,25 @@ def init_distributed(device: str = "cuda", dist_url: str = "env://",
             kwargs["device_id"] = dev  # binds NCCL to this GPU, avoids device guessing
         dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
                                 rank=rank, timeout=timedelta(minutes=timeout_minutes), **kwargs)
+        _start_failure_watch(dist_url, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank,
                     device=dev, distributed=distributed)
 
 
-def destroy_distributed() -> None:
-    """Tear down the process group if one exists."""
+def destroy_distributed(failed: bool = False) -> None:
+    """Tear down the process group if one exists.
+
+    After a clean run every rank first stops its failure watch and waits for the others, so that the rank
+    hosting the rendezvous store does not take it away while another rank still watches it. After a failure
+    nobody waits: the other ranks may be gone.
+    """
+    global _failure_watch
+    if _failure_watch is not None:
+        _failure_watch.stop()
+        _failure_watch = None
     if is_dist_initialized():
+        if not failed:
+            barrier()
         dist.destroy_process_group()
 
 
@@ -154,13 +173,6 @@ def is_main_process() -> bool:
 
 def _uses_nccl() -> bool:
     return is_dist_initialized() and dist.get_backend() == "nccl"
-
-
-def _collective_device() -> torch.device:
-    """Device on which small bookkeeping tensors must live for the active backend."""
-    if _uses_nccl():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def barrier() -> None:
@@ -265,6 +277,158 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def run_on_main(fn: Callable[[], Any], expected: tuple[type[BaseException], ...]) -> Any:
+    """Run ``fn`` on rank 0 only; every rank gets its result, or raises its error if it is one of ``expected``.
+
+    No rank is left waiting: an expected error travels to every rank (an unexpected one ends rank 0, and the
+    failure watch ends the others).
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except expected as exc:
+            error = exc
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it: known before the process group exists."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# A rank that fails alone
+# --------------------------------------------------------------------------- #
+class FailureWatch:
+    """Ends every rank within seconds when one rank fails, whoever launched them.
+
+    A failing rank calls :meth:`report`: its rank, error and exit code go to the rendezvous store (the first
+    report wins, so the root cause is kept). A thread on every rank polls the store; on a peer's report, or when
+    the store itself is gone (its host, rank 0 or torchrun's agent, has died), it logs the failing rank's error and
+    ends its own process with ``os._exit``: the main thread may be blocked in a collective with the failed rank,
+    which NCCL waits out for the process group's timeout (60 minutes). torchrun's agent would stop the other
+    workers too; a plain ``srun`` launch has no agent.
+    """
+
+    ACK_WAIT_SECONDS = 5.0  # how long a failing rank waits for the others to have read its report
+
+    def __init__(self, store, rank: int, world_size: int, prefix: str, poll_seconds: float = 0.5) -> None:
+        self._store = store
+        self.rank = rank
+        self.world_size = world_size
+        self._key, self._ack_key = f"{prefix}/failure", f"{prefix}/acknowledged"
+        self._poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._handled = threading.Event()  # this rank knows of the failure (its own, or a peer's it acted on)
+        self._thread = threading.Thread(target=self._watch, name="failure-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, message: str, exit_code: int) -> dict:
+        """Record this rank's failure (unless another came first) and return the failure that counts."""
+        self._handled.set()  # from now on this rank's main thread ends the process itself
+        mine = json.dumps({"rank": self.rank, "message": message, "exit_code": exit_code})
+        try:
+            first = json.loads(self._store.compare_set(self._key, "", mine))
+            self._store.add(self._ack_key, 1)
+            deadline = time.monotonic() + self.ACK_WAIT_SECONDS
+            # Without torchrun rank 0 hosts the store: leaving at once would take the report away with it.
+            while self.rank == 0 and self._store.add(self._ack_key, 0) < self.world_size \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except Exception:  # the store is gone: nobody else to tell
+            return json.loads(mine)
+        return first
+
+    def peer_failure(self) -> dict | None:
+        """The failure another rank reported, if any (non-blocking)."""
+        try:
+            if not self._store.check([self._key]):
+                return None
+            failure = json.loads(self._store.get(self._key))
+        except Exception:
+            return None
+        return failure if failure["rank"] != self.rank else None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll_seconds):
+            try:
+                if not self._store.check([self._key]):
+                    continue
+                failure = json.loads(self._store.get(self._key))
+                self._store.add(self._ack_key, 1)
+            except Exception as error:
+                if self._stop.is_set():
+                    return
+                failure = {"rank": None, "exit_code": 1, "message": "lost contact with the rendezvous store: the "
+                           f"process hosting it (rank 0, or torchrun's agent) has ended ({error})"}
+            if self._handled.is_set() or failure["rank"] == self.rank:
+                return
+            self._handled.set()
+            who = "a peer" if failure["rank"] is None else f"rank {failure['rank']}"
+            _logger.error("Rank %d stops because %s failed: %s", self.rank, who, failure["message"])
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(failure["exit_code"] or 1)
+
+
+_failure_watch: FailureWatch | None = None
+
+
+def _store_address(dist_url: str) -> tuple[str, int] | None:
+    """Host and port of the rendezvous TCP store (env:// or tcp://), or None for other rendezvous kinds."""
+    if dist_url.startswith("env://"):
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        return (host, int(port)) if host and port else None
+    if dist_url.startswith("tcp://"):
+        host, _, port = dist_url[len("tcp://"):].rpartition(":")
+        return host.strip("[]"), int(port)
+    return None
+
+
+def _start_failure_watch(dist_url: str, rank: int, world_size: int) -> None:
+    global _failure_watch
+    address = _store_address(dist_url)
+    if address is None:
+        _logger.warning("rendezvous %s has no TCP store: a rank that fails alone may leave the others waiting "
+                        "for the process group timeout", dist_url)
+        return
+    # Its own client connection: the process group's store is not meant to be shared with another thread.
+    store = dist.TCPStore(address[0], address[1], is_master=False, timeout=timedelta(seconds=30),
+                          wait_for_workers=False)
+    # torchrun's agent keeps its store across restarts: each attempt gets its own keys.
+    prefix = "blip/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "job"),
+                                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    _failure_watch = FailureWatch(store, rank, world_size, prefix)
+    _failure_watch.start()
+
+
+def report_failure(message: str, exit_code: int) -> dict:
+    """Tell the other ranks that this one fails; returns the failure that counts (the first reported).
+
+    Without a process group (or a store) it is this rank's own failure.
+    """
+    mine = {"rank": get_rank(), "message": message, "exit_code": exit_code}
+    return _failure_watch.report(message, exit_code) if _failure_watch is not None else mine
+
+
+def peer_failure() -> dict | None:
+    """A failure that another rank reported, if any."""
+    return _failure_watch.peer_failure() if _failure_watch is not None else None
+
+
 # --------------------------------------------------------------------------- #
 # Logging
 # --------------------------------------------------------------------------- #
@@ -353,15 +517,6 @@ class SmoothedValue:
     def global_avg(self) -> float:
         return self.total / self.count if self.count else 0.0
 
-    def synchronize(self) -> None:
-        """Make total/count global across ranks (the window stays local)."""
-        if not is_dist_initialized():
-            return
-        stats = torch.tensor([self.total, float(self.count)], dtype=torch.float64,
-                             device=_collective_device())
-        all_reduce_sum_(stats)
-        self.total, self.count = float(stats[0]), int(stats[1])
-
 
 def _to_float(value: Any) -> float:
     if isinstance(value, torch.Tensor):
@@ -391,15 +546,6 @@ class ProgressLogger:
         """Record scalars (floats, ints or one-element tensors) for the current step."""
         for name, value in scalars.items():
             self.meters.setdefault(name, SmoothedValue()).update(_to_float(value))
-
-    def averages(self) -> dict[str, float]:
-        """Global average of every recorded scalar."""
-        return {name: meter.global_avg for name, meter in self.meters.items()}
-
-    def synchronize(self) -> None:
-        """Turn the global averages into averages over all ranks (collective call)."""
-        for meter in self.meters.values():
-            meter.synchronize()
 
     def _seconds_per_step(self, step: int) -> float:
         if self.step_time.count:
@@ -451,18 +597,56 @@ class ProgressLogger:
 # --------------------------------------------------------------------------- #
 # Files, seeding, TensorBoard
 # --------------------------------------------------------------------------- #
+class DiskWriteError(RuntimeError):
+    """A file could not be written (disk full, read-only file system, quota); the previous file is intact."""
+
+    def __init__(self, errno_value: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+# errno values that a user fixes by making room or pointing the output elsewhere, not by changing code.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+def human_bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as df -H prints them)."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the tensor storages in a nested checkpoint, each counted once: about what torch.save writes."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` that never leaves a partial file at ``path``.
 
     Writes to a temp file in the same directory, fsyncs it and renames it over
     ``path``; on any failure the temp file is removed and ``path`` is untouched.
+    A full disk or read-only file system raises :class:`DiskWriteError` with the space the file needs.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp_path = os.path.join(
         directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        os.makedirs(directory, exist_ok=True)
         # O_EXCL: never clobber someone else's temp file; mode 0o666 honours the umask.
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -470,13 +654,37 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.remove(tmp_path)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            needed = _tensor_bytes(obj)
+            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+            raise DiskWriteError(error.errno, f"cannot write {path} ({os.strerror(error.errno)}): it needs about "
+                                 f"{human_bytes(needed)} ({needed:,} bytes) in {directory}; {kept}. Free that "
+                                 "much space there or point --output_dir at a writable disk with room") from None
         raise
     _fsync_dir(directory)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace a text file in one step (temp file in the same folder, fsync, rename)."""
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def append_json(path: str, record: dict) -> None:
+    """Append one JSON line and make it durable (a metrics record survives a crash right after it)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(directory: str) -> None:
@@ -509,7 +717,9 @@ class TensorboardWriter:
     """Scalar logging to TensorBoard on rank 0; a no-op elsewhere, without a log_dir,
     or when tensorboard is not installed."""
 
-    def __init__(self, log_dir: str | None) -> None:
+    def __init__(self, log_dir: str | None, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first step; events an earlier run wrote from there on are dropped,
+        so the replayed steps do not show twice."""
         self._writer = None
         if log_dir is None or not is_main_process():
             return
@@ -518,7 +728,7 @@ class TensorboardWriter:
         except ImportError:
             _logger.warning("tensorboard is not installed; scalars will not be written")
             return
-        self._writer = SummaryWriter(log_dir=log_dir)
+        self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     @property
     def enabled(self) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Iterator, Sequence, Sized
 
@@ -92,15 +93,35 @@ def collate_train_batch(
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1.
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1/SIGINT.
 
-    torchrun and SLURM signal the whole process group on preemption; the training process stops
-    gracefully after its current step, and its loader workers must live until then (with the spawn
-    start method the default action would kill them and fail the step; with fork they would run a
-    copy of the trainer's handler). They exit with their parent as usual.
+    torchrun and SLURM signal the whole process group on preemption, and a terminal's Ctrl-C reaches every
+    process of the foreground group; the training process stops gracefully after its current step, and its
+    loader workers must live until then (with the spawn start method the default action would kill them and
+    fail the step; with fork they would run a copy of the trainer's handler). They exit with their parent.
     """
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def default_num_workers(processes_on_node: int, most: int = 4) -> int:
+    """Loader workers per process when the config says null: the original's 4, or this process's share of the
+    CPUs it may run on if that is smaller (more workers than CPUs only compete with the model)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(most, cpus // max(1, processes_on_node)))
+
+
+def worker_error_message(error: BaseException) -> str:
+    """The original message of an error raised in a DataLoader worker.
+
+    The loader re-raises a worker's exception in the main process as the same type, its message wrapped in
+    "Caught X in DataLoader worker process N. Original Traceback ...: X: <message>"; keep only <message>.
+    """
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{type(error).__name__}: "
+    return text[text.rindex(marker) + len(marker):].strip() if marker in text else text
 
 
 def _pin_memory() -> bool:

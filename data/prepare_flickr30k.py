@@ -78,6 +78,19 @@ def _credentials_error(exc: BaseException) -> DataError:
 # --------------------------------------------------------------------------- Kaggle
 
 
+def _kaggle_import_error(exc: ImportError) -> DataError:
+    """'kaggle' not installed, or installed but one of its own imports failing (kaggle 2.2.5 imports six without
+    declaring it): say which, with the exception and the fix."""
+    missing = getattr(exc, "name", None) or "?"
+    fallback = " Or download the zip elsewhere (kaggle datasets download adityajn105/flickr30k) and pass --zip PATH."
+    if missing == "kaggle" or missing.startswith("kaggle."):
+        return DataError(f"the 'kaggle' package is not installed ({type(exc).__name__}: {exc}); install it with: "
+                         "pip install -r requirements.txt." + fallback)
+    return DataError(f"the 'kaggle' package is installed but fails to import: importing {missing!r} failed "
+                     f"({type(exc).__name__}: {exc}); install it with: pip install {missing.split('.')[0]} "
+                     "(or pip install -r requirements.txt, which declares it)." + fallback)
+
+
 def _authenticated_kaggle_api():
     """Return an authenticated ``KaggleApi``; raise :class:`DataError` without credentials."""
     # Importing kaggle authenticates at import time: old versions raise, new ones print
@@ -86,10 +99,7 @@ def _authenticated_kaggle_api():
         try:
             from kaggle.api.kaggle_api_extended import KaggleApi
         except ImportError as exc:
-            raise DataError(
-                f"the 'kaggle' package is missing ({exc}); install it with: pip install kaggle,"
-                " or download the zip elsewhere and pass --zip PATH"
-            ) from None
+            raise _kaggle_import_error(exc) from None
         except (Exception, SystemExit) as exc:  # older kaggle raises on import without credentials
             raise _credentials_error(exc) from None
         api = KaggleApi()

@@ -1,8 +1,10 @@
 """Image-text retrieval datasets (Flickr30k, COCO) built from validated annotation records."""
 from __future__ import annotations
 
+import logging
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
@@ -14,7 +16,10 @@ from torch.utils.data import Dataset
 from data.annotations import DataError
 from data.captions import pre_caption
 
+_logger = logging.getLogger(__name__)
+
 Transform = Callable[[Image.Image], torch.Tensor]
+RETRY_DELAY_S = 1.0  # before the one retry of an image that cannot be read (a network file system's hiccup)
 
 
 def _candidate_paths(image_root: str, relative: str) -> list[str]:
@@ -67,24 +72,34 @@ def _open_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-def load_image(resolver: ImagePathResolver, relative: str) -> Image.Image:
-    """Open the image of annotation path ``relative`` as RGB.
+def load_image(resolver: ImagePathResolver, relative: str, retries: int = 1) -> Image.Image:
+    """Open the image of annotation path ``relative`` as RGB, trying once more after a failure.
+
+    Every image was checked before training started, so a failure here is a file that changed since, or a
+    network file system's hiccup: worth one retry. A sample is never replaced by another one (the data order
+    is what exact resume relies on).
 
     Raises:
-        DataError: the file is missing or cannot be decoded; the message names it.
+        DataError: the file is missing or cannot be decoded, also on the retry; the message names it.
     """
-    path = resolver.resolve(relative)
-    if path is None:
-        tried = "\n  ".join(_candidate_paths(resolver.image_root, relative))
-        raise DataError(
-            f"image {relative!r} not found under image_root={resolver.image_root!r}; tried:\n  {tried}\n"
-            "Set `image_root` to the folder holding the dataset's images."
-        )
-    try:
-        return _open_rgb(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path} (annotation entry {relative!r}): {exc}; "
-                        "the file is corrupt or truncated, replace it") from None
+    for attempt in range(retries + 1):
+        path = resolver.resolve(relative)
+        try:
+            if path is None:
+                tried = "\n  ".join(_candidate_paths(resolver.image_root, relative))
+                raise DataError(f"image {relative!r} not found under image_root={resolver.image_root!r}; tried:\n"
+                                f"  {tried}\nSet `image_root` to the folder holding the dataset's images.")
+            try:
+                return _open_rgb(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise DataError(f"cannot read image {path} (annotation entry {relative!r}): {exc}; "
+                                "the file is corrupt or truncated, replace it") from None
+        except DataError as error:
+            if attempt == retries:
+                raise
+            _logger.warning("%s; trying again in %.0f s", str(error).splitlines()[0], RETRY_DELAY_S)
+            time.sleep(RETRY_DELAY_S)
+    raise AssertionError("unreachable")
 
 
 def find_missing_images(image_root: str, image_relpaths: Iterable[str], check_open: bool = False) -> list[str]:

@@ -90,6 +90,26 @@ def fetch_checkpoint(url_or_path: str, sha256: str | None = None) -> str:
     return path
 
 
+def _not_a_torch_file(path: str) -> str | None:
+    """Why the file cannot be a torch.save file, judged by its first bytes, or None.
+
+    torch.save writes a zip archive (since PyTorch 1.6) or, in the legacy format, a pickle stream (protocol
+    marker 0x80); anything else is some other file, whose unpickling errors (KeyError: 101 ...) say nothing.
+    """
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if head.startswith(b'PK\x03\x04') or head.startswith(b'\x80'):
+        return None
+    if not head:
+        return 'it is empty'
+    if head.lstrip().startswith(b'<'):
+        return 'it is an HTML or XML page'
+    try:
+        return f'it is a text file starting with {head.decode("utf-8")!r}'
+    except UnicodeDecodeError:
+        return f'it starts with the bytes {head[:8]!r}, not those of a zip archive or a pickle'
+
+
 def read_checkpoint(url_or_path: str, sha256: str | None = None, allow_unsafe: bool = False) -> dict:
     """Load a checkpoint file as a dict, with `weights_only=True` (plain tensors and containers).
 
@@ -97,6 +117,11 @@ def read_checkpoint(url_or_path: str, sha256: str | None = None, allow_unsafe: b
     pickled objects is refused unless `allow_unsafe` is set (then it is loaded with a warning).
     """
     path = fetch_checkpoint(url_or_path, sha256)
+    not_a_checkpoint = _not_a_torch_file(path)
+    if not_a_checkpoint:
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint at all ({not_a_checkpoint}); point `pretrained` '
+                              'at a .pth file written by torch.save (a failed download can leave an error page '
+                              'instead: delete it and download again)')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
@@ -107,10 +132,15 @@ def read_checkpoint(url_or_path: str, sha256: str | None = None, allow_unsafe: b
                 'in the config to load it anyway.') from None
         _logger.warning('Loading %s with weights_only=False (allow_unsafe_checkpoint): this can run code '
                         'stored in the file', path)
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f'{path} is not a readable checkpoint ({error}); it may be truncated: '
-                              'delete it and download or copy it again') from None
+        try:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any failure of a full unpickling means a broken file
+            raise CheckpointError(f'{path} is not a readable checkpoint ({type(error).__name__}: '
+                                  f'{(str(error).splitlines() or [""])[0]})') from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as error:
+        first_line = (str(error).splitlines() or [''])[0]
+        raise CheckpointError(f'{path} is not a readable checkpoint ({type(error).__name__}: {first_line}); it may be '
+                              'truncated: delete it and download or copy it again') from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, expected a dict with a "model" state_dict')
     return checkpoint

@@ -136,7 +136,8 @@ def test_dotted_override_and_override_typo() -> None:
     ("{embed_dim: 64, depth: 2, num_heads: 5}", "divisible by num_heads"),
     ("{embed_dim: 64, depth: 2.5, num_heads: 2}", r"'vit.depth' must be an int, got 2.5"),
     ("{embed_dim: 64, depth: 2, num_heads: 2, patch_size: 0}", "'vit.patch_size' must be positive"),
-    ("huge", r"must be one of \['base', 'large'\]"),
+    ("huge", r"'base' \(ViT-B/16\), 'large' \(ViT-L/16\), or a mapping .*vit=\{embed_dim: 1280, depth: 32, "
+             r"num_heads: 16.*got 'huge'"),
 ])
 def test_bad_vit_is_rejected(vit: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

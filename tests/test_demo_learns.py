@@ -1,16 +1,20 @@
-"""The CPU demo learns: a shortened run of configs/retrieval_demo.yaml ends far above chance.
+"""The CPU demo learns, and learns the same way every time: shortened runs of configs/retrieval_demo.yaml.
 
 One in-process fine-tune of the real demo config (synthetic data generated into tmp_path, three
 epochs instead of the config's max_epoch) through `train_retrieval.main`, then checks on its
 log.txt and per-step trace: recall well above chance on val and test, the contrastive loss far
 below its starting value, the matching loss below its starting value. A regression in the model's
 losses, the optimizer, the schedule or the demo config shows up here as "no learning".
+A second run of the first epoch, on a machine made busy on purpose, must repeat it bit for bit.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +26,13 @@ from conftest import REPO
 import run_state
 import train_retrieval
 from data import demo
-from evaluation import recall_metrics
+from evaluation import chance_recall, recall_metrics
 
 CONFIG = os.path.join(REPO, 'configs', 'retrieval_demo.yaml')
 EPOCHS = 3
 SEED = 42
 # Steps averaged at the start and at the end of training when comparing the per-step losses.
 WINDOW = 20
-
-
-def chance_r_mean(n_images: int, captions_per_image: int) -> float:
-    """Expected r_mean (in %) of random scores for n_images images with captions_per_image captions each."""
-    n_texts = n_images * captions_per_image
-
-    def txt_recall(k: int) -> float:  # at least one of the image's captions among k random texts
-        return 1.0 - math.comb(n_texts - captions_per_image, k) / math.comb(n_texts, k)
-
-    txt = [100.0 * txt_recall(k) for k in (1, 5, 10)]
-    img = [100.0 * k / n_images for k in (1, 5, 10)]  # the one true image among k random images
-    return (sum(txt) / 3 + sum(img) / 3) / 2
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -52,17 +44,36 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-@pytest.fixture
-def one_thread():
-    """Pin torch to one thread: the same numbers on every machine, and no thread contention on a busy one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def demo_run(root: Path, data: Path, epochs: int, output_dir: Path | None = None) -> tuple[int, str]:
+    """One in-process demo fine-tune with the step trace on; (exit code, trace prefix)."""
+    trace_prefix = str(root / f'trace{epochs}')
+    argv = ['--config', CONFIG, '--device', 'cpu', '--seed', str(SEED)]
+    argv += ['--output_dir', str(output_dir)] if output_dir else []
+    argv += ['--options', f'image_root={data}', f'tokenizer={data / demo.VOCAB_FILENAME}', f'max_epoch={epochs}',
+             'tensorboard=False']
+    os.environ[train_retrieval.STEP_TRACE_ENV] = trace_prefix
+    try:
+        return train_retrieval.main(argv), trace_prefix
+    finally:
+        del os.environ[train_retrieval.STEP_TRACE_ENV]
+
+
+@pytest.fixture(scope='module')
+def demo_first(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp('demo')
+    os.environ.pop(run_state.STOP_AFTER_STEPS_ENV, None)
+    code, trace = demo_run(root, root / 'demo_data', EPOCHS, root / 'run')
+    assert code == 0
+    return {'root': root, 'data': root / 'demo_data', 'out': root / 'run', 'trace': trace}
+
+
+def chance_r_mean(n_images: int, captions_per_image: int) -> float:
+    img2txt = {i: list(range(i * captions_per_image, (i + 1) * captions_per_image)) for i in range(n_images)}
+    return chance_recall({t: i for i, texts in img2txt.items() for t in texts}, img2txt)['r_mean']
 
 
 def test_chance_r_mean_matches_random_scores():
-    """The formula agrees with the project's recall metrics on random score matrices."""
+    """evaluation.chance_recall (printed beside every result) agrees with the recall of random score matrices."""
     n_images, per_image = 100, demo.CAPTIONS_PER_IMAGE
     img2txt = {i: list(range(i * per_image, (i + 1) * per_image)) for i in range(n_images)}
     txt2img = {t: i for i, texts in img2txt.items() for t in texts}
@@ -74,16 +85,8 @@ def test_chance_r_mean_matches_random_scores():
     assert float(np.mean(draws)) == pytest.approx(chance_r_mean(n_images, per_image), abs=0.2)
 
 
-def test_demo_finetune_learns(tmp_path, monkeypatch, one_thread):
-    data, out = tmp_path / 'demo_data', tmp_path / 'run'
-    trace_prefix = str(tmp_path / 'trace')
-    monkeypatch.setenv(train_retrieval.STEP_TRACE_ENV, trace_prefix)
-    monkeypatch.delenv(run_state.STOP_AFTER_STEPS_ENV, raising=False)
-    argv = ['--config', CONFIG, '--device', 'cpu', '--seed', str(SEED), '--output_dir', str(out),
-            '--options', f'image_root={data}', f'tokenizer={data / demo.VOCAB_FILENAME}',
-            f'max_epoch={EPOCHS}', 'tensorboard=False']
-    assert train_retrieval.main(argv) == 0
-
+def test_demo_finetune_learns(demo_first):
+    data, out, trace_prefix = demo_first['data'], demo_first['out'], demo_first['trace']
     log = read_jsonl(out / 'log.txt')
     assert [record['epoch'] for record in log] == list(range(EPOCHS))
     manifest = json.loads((data / demo.MANIFEST_FILENAME).read_text(encoding='utf-8'))
@@ -117,3 +120,29 @@ def test_demo_finetune_learns(tmp_path, monkeypatch, one_thread):
     # The cosine schedule ran: one learning rate per epoch, decreasing.
     lrs = [trace[e * steps_per_epoch]['lr'] for e in range(EPOCHS)]
     assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs
+
+
+def test_demo_repeats_bit_for_bit_on_a_busy_machine(demo_first, tmp_path, monkeypatch, capsys):
+    """The same seed gives the same run: every step's losses and the epoch's recall are identical, here with two
+    CPU-bound processes competing for the two cores. Also the demo's own output folder and closing summary."""
+    monkeypatch.chdir(tmp_path)
+    hogs = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(2)]
+    try:
+        code, trace = demo_run(tmp_path, demo_first['data'], 1)  # no --output_dir: output/retrieval_demo
+    finally:
+        for hog in hogs:
+            hog.kill()
+    assert code == 0
+    out = tmp_path / 'output' / 'retrieval_demo'
+    first, again = read_jsonl(Path(f"{demo_first['trace']}.rank0.jsonl")), read_jsonl(Path(f'{trace}.rank0.jsonl'))
+    strip = lambda r: {k: v for k, v in r.items() if k != 'pid'}
+    assert [strip(r) for r in again] == [strip(r) for r in first[:len(again)]]  # losses compared as exact floats
+    assert read_jsonl(out / 'log.txt')[0] == read_jsonl(demo_first['out'] / 'log.txt')[0]
+
+    printed = capsys.readouterr().out
+    summary = printed[printed.index('Training done: best epoch 0'):]
+    assert f'checkpoint: {os.path.join("output", "retrieval_demo", "checkpoint_best.pth")}' in summary
+    record = read_jsonl(out / 'log.txt')[0]
+    assert f"val  r_mean {record['val_r_mean']:.2f} | TR@1/5/10 {record['val_txt_r1']:.2f}" in summary
+    assert '(chance r_mean 5.26)' in summary
+    assert not re.findall(r'\d+\.\d{3,}', summary)  # recalls are rounded (no 28.999999999999996)

@@ -24,6 +24,7 @@ from test_train_retrieval import base_args, run_main_error, tiny_options
 
 import run_state
 import train_retrieval
+import utils
 from models import BLIP_Retrieval
 
 SCRIPT = os.path.join(REPO, 'train_retrieval.py')
@@ -35,13 +36,15 @@ def run_options(data: dict, num_workers: int, **extra) -> list[str]:
                         max_epoch=2, num_workers=num_workers, **extra)
 
 
-def read_trace(prefix: str, rank: int) -> list[dict]:
-    """The BLIP_STEP_TRACE records of one rank (complete lines only: the run may be writing)."""
+def read_trace(prefix: str, rank: int, with_pid: bool = False) -> list[dict]:
+    """The BLIP_STEP_TRACE records of one rank (complete lines only: the run may be writing), without the
+    writing process's id unless asked for."""
     path = f'{prefix}.rank{rank}.jsonl'
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith('\n')]
+        records = [json.loads(line) for line in f if line.endswith('\n')]
+    return records if with_pid else [{k: v for k, v in r.items() if k != 'pid'} for r in records]
 
 
 def assert_same(a, b, where: str = 'checkpoint') -> None:
@@ -95,7 +98,7 @@ def runs(tmp_path_factory) -> dict:
            *run_options(data, 2)]
     process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # a generous bound: 2-core CI machines can be busy
         while not any(r['epoch'] == 1 for r in read_trace(b_trace, 0)):
             assert process.poll() is None and time.time() < deadline, 'run B2 ended before epoch 1'
             time.sleep(0.02)
@@ -124,7 +127,7 @@ def test_stops_save_where_they_happened(runs):
     second = load(runs['B2_checkpoint_path'])
     assert second['epoch'] == 1 and 1 <= second['step'] < STEPS_PER_EPOCH, (second['epoch'], second['step'])
     assert f"Stopped by SIGTERM at epoch 1 step {second['step']} of 7" in runs['B2_output']
-    assert 'Continue with the same command plus --resume auto' in runs['B2_output']
+    assert '--resume auto' in runs['B2_output'].split('Continue with:')[1].splitlines()[1]
     # Both ranks saved the same step: all of them agreed on when to stop.
     assert len(second['rng_states']) == 2 and second['world_size'] == 2
 
@@ -154,6 +157,39 @@ def test_logged_train_losses_average_over_both_ranks(runs):
             assert per_rank[0] != per_rank[1]  # the ranks see different samples
             expected = sum(map(sum, per_rank)) / (2 * STEPS_PER_EPOCH)
             assert record[f'train_{name}'] == pytest.approx(expected, rel=1e-6, abs=1e-7), (record['epoch'], name)
+
+
+def test_torchrun_restarts_a_killed_rank_and_finishes_bit_identical(runs, tmp_path):
+    """`torchrun --max-restarts=1 ... --resume auto` with save_every_steps 1: rank 1 SIGKILLed in the middle of
+    epoch 1 (no handler runs, as with the OOM killer); torchrun restarts both workers, which continue from the
+    last step saved and end with run A's weights and log bit for bit."""
+    out, trace = tmp_path / 'elastic', str(tmp_path / 'trace')
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', BLIP_STEP_TRACE=trace)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--max-restarts=1',
+           '--master_addr=127.0.0.1', f'--master_port={free_port()}', SCRIPT, *base_args(), '--output_dir', str(out),
+           '--resume', 'auto', *run_options(runs['data'], 0, save_every_steps=1)]
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not [r for r in read_trace(trace, 1, with_pid=True) if (r['epoch'], r['step']) >= (1, 2)]:
+            assert process.poll() is None and time.time() < deadline, 'the run ended before epoch 1'
+            time.sleep(0.02)
+        victim = read_trace(trace, 1, with_pid=True)[-1]['pid']
+        os.kill(victim, signal.SIGKILL)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-4000:]
+    pids = {r['pid'] for r in read_trace(trace, 1, with_pid=True)}
+    assert victim in pids and len(pids) == 2  # rank 1 ran in two processes: the killed one and its restart
+    a, b = load(runs['A'] / 'checkpoint_last.pth'), load(out / 'checkpoint_last.pth')
+    assert (b['epoch'], b['step']) == (2, 0)
+    assert_same(a['model'], b['model'], 'model')
+    assert_same(a['optimizer'], b['optimizer'], 'optimizer')
+    assert (runs['A'] / 'log.txt').read_text() == (out / 'log.txt').read_text()
+    assert 'torchrun restart 1 of this job (TORCHELASTIC_RESTART_COUNT=1): continuing from the last checkpoint' \
+        in (out / 'train.log').read_text()
 
 
 @pytest.mark.parametrize('rank', [0, 1])
@@ -226,9 +262,9 @@ def test_signal_during_evaluation_stops_at_the_epoch_boundary_and_resumes_exactl
 def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
     log = tmp_path / 'log.txt'
     log.write_text('{"epoch": 0, "val_r_mean": 50.0}\n{"epoch": 1, "val_r_mean": 60.0}\n{"epoch": 2, "val_')
-    train_retrieval.trim_log(str(log), 1)  # killed after epoch 1 was logged but before it was saved
+    run_state.trim_log(str(log), 1)  # killed after epoch 1 was logged but before it was saved
     assert log.read_text() == '{"epoch": 0, "val_r_mean": 50.0}\n'
-    train_retrieval.trim_log(str(log), 1)
+    run_state.trim_log(str(log), 1)
     assert log.read_text() == '{"epoch": 0, "val_r_mean": 50.0}\n'
     assert os.listdir(tmp_path) == ['log.txt']
 
@@ -270,8 +306,9 @@ def test_crash_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(tmp_path
     with torch.no_grad():
         model.weight.add_(1.0)
     monkeypatch.setattr(torch, 'save', write_half_then_fail)
-    with pytest.raises(OSError, match='No space left'):
+    with pytest.raises(utils.DiskWriteError, match='No space left') as error:
         train_retrieval.save_last(str(path), model, optimizer, config, train_retrieval.RunState(epoch=1, step=3))
+    assert 'the previous file is unchanged' in str(error.value)
     monkeypatch.undo()
 
     assert os.listdir(tmp_path) == ['checkpoint_last.pth']  # no temp file left
