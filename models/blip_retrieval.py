@@ -299,7 +299,7 @@ def _bert_config(med_config: Union[str, Mapping, BertConfig], vision_width: int)
 
 
 def blip_retrieval(pretrained: str = '', **kwargs) -> BLIP_Retrieval:
-    """Build `BLIP_Retrieval(**kwargs)` and load `pretrained` (URL or path) if given.
+    """Build `BLIP_Retrieval(**kwargs)` and load `pretrained` (URL, path, HF folder or Hub id) if given.
 
     Extra keys for loading: `sha256` (verify the file), `allow_unsafe_checkpoint` (fall back to a full
     pickle load for files that are not plain tensors — only for files you trust).
