@@ -320,7 +320,8 @@ def model_card(model: BLIP_Retrieval, source: str, settings: dict, origin: str, 
               'with `[CLS]` first; for matching (ITM) put `[ENC]` first instead, as BLIP was trained: with '
               '`[CLS]` the matching logits change. `preprocessor_config.json` is our evaluation transform '
               f'(bicubic resize to {model.image_size} x {model.image_size}, /255, CLIP mean and std); '
-              'transformers 5 resizes tensors by default, and `backend="pil"` reproduces our pixels exactly.', '',
+              'transformers 5 resizes tensors by default (up to one grey level apart), and `backend="pil"` '
+              '(transformers 4: `use_fast=False`) reproduces our pixels exactly.', '',
               '```python', 'import torch', 'from PIL import Image',
               'from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval', '',
               'folder = "path/or/hub-id"',
