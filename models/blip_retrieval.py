@@ -314,7 +314,7 @@ def model_from_config(config: Mapping, pretrained: Optional[str] = None) -> BLIP
 
 
 def blip_retrieval(pretrained: str = '', **kwargs) -> BLIP_Retrieval:
-    """Build `BLIP_Retrieval(**kwargs)` and load `pretrained` (URL or path) if given.
+    """Build `BLIP_Retrieval(**kwargs)` and load `pretrained` (URL, path, HF folder or Hub id) if given.
 
     Extra keys for loading: `sha256` (verify the file), `allow_unsafe_checkpoint` (fall back to a full
     pickle load for files that are not plain tensors — only for files you trust).

@@ -1,4 +1,7 @@
-"""Reading official BLIP checkpoints (URL or path) safely and loading them with a key-by-key report."""
+"""Reading official BLIP checkpoints (URL or path) safely and loading them with a key-by-key report.
+
+Hugging Face folders and Hub ids are read by models.hf, which `load_pretrained` hands them to.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -203,7 +206,11 @@ def load_pretrained(model: nn.Module, url_or_path: str, sha256: str | None = Non
 
     Missing or shape-mismatched weights are an error that lists every key: they mean the checkpoint is
     of another architecture (e.g. ViT-L weights with `vit: base`, or another med_config).
+    A Hugging Face Hub id (`owner/name[@revision]`) or save_pretrained folder goes through models.hf.
     """
+    from models import hf  # imported here: models.hf builds on this module
+    if hf.is_hf_source(url_or_path):
+        return hf.load_hf_pretrained(model, url_or_path, sha256=sha256, allow_unsafe=allow_unsafe)
     checkpoint = read_checkpoint(url_or_path, sha256, allow_unsafe)
     state_dict, report = adapt_state_dict(model, model_state_dict(checkpoint, url_or_path))
     if report.missing or report.mismatched:
