@@ -313,8 +313,12 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
 
 @torch.no_grad()
 def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch.device,
-                    autocast: Callable = None) -> tuple[np.ndarray, np.ndarray]:
-    """Score matrices (images x texts, texts x images) of one split, identical on every rank."""
+                    autocast: Callable = None, with_similarity: bool = False) -> tuple[np.ndarray, ...]:
+    """Score matrices (images x texts, texts x images) of one split, identical on every rank.
+
+    `with_similarity`: also the contrastive similarities (images x texts), the matrix the top-k came from
+    (the report shows each score's two parts: similarity and matching logit = score - similarity).
+    """
     model.eval()
     began = time.time()
     reference = config.get('eval_mode', 'fast') == 'reference'
@@ -330,6 +334,8 @@ def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch
         i2t, t2i = fast_scores(*args, pair_batch=config.get('eval_pair_batch'), autocast=autocast,
                                log_every=log_every)
     _logger.info('Evaluation time %.1f s', time.time() - began)
+    if with_similarity:
+        return i2t.cpu().numpy(), t2i.cpu().numpy(), (image_feat @ text_feat.t()).cpu().numpy()
     return i2t.cpu().numpy(), t2i.cpu().numpy()
 
 
