@@ -55,6 +55,7 @@ from data.retrieval_dataset import find_unreadable_images
 from evaluation import evaluate_scores, recall_metrics
 from models import blip_retrieval
 from models.checkpoint import CheckpointError
+from report import REPORT_DIR, SplitScores, write_evaluation_report
 from run_state import (LAST_CHECKPOINT, RunState, SetupError, StopRequest, adopt_resumed_config, agree,
                        load_resume_state, read_resume_checkpoint, resume_path, save_last, set_rng_state,
                        stop_after_steps_from_env, warn_once)
@@ -297,11 +298,16 @@ class _null:
         return False
 
 
-def evaluate_split(model, dataset, config: dict, dist_info, autocast) -> dict:
+def evaluate_split(model, dataset, config: dict, dist_info, autocast, keep_scores: Optional[list] = None) -> dict:
+    """Recall metrics of one split; rank 0 appends its matrices to `keep_scores` (for the report) when given."""
     loader = create_eval_loader(dataset, config['batch_size_test'], config['num_workers'], dist_info.rank,
                                 dist_info.world_size)
-    scores_i2t, scores_t2i = evaluate_scores(model, loader, dataset.text, config, dist_info.device, autocast)
-    return recall_metrics(scores_i2t, scores_t2i, dataset.txt2img, dataset.img2txt)
+    keep = keep_scores is not None and utils.is_main_process()
+    scores = evaluate_scores(model, loader, dataset.text, config, dist_info.device, autocast, with_similarity=keep)
+    metrics = recall_metrics(scores[0], scores[1], dataset.txt2img, dataset.img2txt)
+    if keep:
+        keep_scores.append(SplitScores(*scores, metrics))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- output files
@@ -431,14 +437,31 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
 
 
 def run_evaluation(model, datasets, config, dist_info, autocast, output_dir: str) -> int:
-    results = {split: evaluate_split(model, datasets[split], config, dist_info, autocast) for split in ('val', 'test')}
+    kept = [] if config['report'] else None
+    results = {split: evaluate_split(model, datasets[split], config, dist_info, autocast, kept)
+               for split in ('val', 'test')}
     if utils.is_main_process():
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
         append_json(os.path.join(output_dir, 'evaluate.txt'), record)
         for split in ('val', 'test'):
             _logger.info('%s: %s', split.capitalize(), json.dumps(results[split]))
             print(f'{split}: ' + json.dumps(results[split]), flush=True)
+        write_report(output_dir, kept, datasets, config)
     return 0
+
+
+def write_report(output_dir: str, kept: Optional[list], datasets, config: dict, epoch: Optional[int] = None
+                 ) -> Optional[str]:
+    """output_dir/report/ from the val and test matrices that `evaluate_split` kept (rank 0; none if report off)."""
+    if not kept:
+        return None
+    try:
+        path = write_evaluation_report(output_dir, dict(zip(('val', 'test'), kept)), datasets, config, epoch)
+    except OSError as error:  # a full disk must not end a fine-tune: the metrics and checkpoints are written
+        _logger.error('The report was not written: %s', error)
+        return None
+    print(f'report: {path}', flush=True)
+    return path
 
 
 def run_training(args, model, optimizer, state: RunState, datasets, config, dist_info, autocast) -> int:
@@ -465,6 +488,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                                      if config['tensorboard'] and utils.is_main_process() else None)
     trace = StepTrace(os.environ.get(STEP_TRACE_ENV), rank)
     saved_at: list[tuple[int, int]] = []
+    report_path = None  # the best epoch's report, written by rank 0
 
     def save() -> None:
         """checkpoint_last.pth of the current position (once per position)."""
@@ -485,8 +509,9 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                 train_stats = train_one_epoch(train_model, model, loader, optimizer, config, state, device,
                                               autocast, stop, save, writer, trace)
                 save()  # the epoch's training is safe before its (possibly long) evaluation
-                val = evaluate_split(model, datasets['val'], config, dist_info, autocast)
-                test = evaluate_split(model, datasets['test'], config, dist_info, autocast)
+                kept = [] if config['report'] else None
+                val = evaluate_split(model, datasets['val'], config, dist_info, autocast, kept)
+                test = evaluate_split(model, datasets['test'], config, dist_info, autocast, kept)
                 if val['r_mean'] > state.best_r_mean:
                     state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
                     if utils.is_main_process():
@@ -494,6 +519,8 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                                                  'config': config, 'epoch': epoch, 'val_r_mean': val['r_mean']},
                                                 best_path)
                         _logger.info('New best val r_mean %.2f: saved %s', val['r_mean'], best_path)
+                        report_path = write_report(output_dir, kept, datasets, config, epoch) or report_path
+                del kept
                 if utils.is_main_process():
                     record = {**{f'train_{k}': v for k, v in train_stats.items()},
                               **{f'val_{k}': v for k, v in val.items()},
@@ -516,6 +543,10 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
         finally:
             writer.close()
     _logger.info('Training done: best val r_mean %.2f at epoch %d', state.best_r_mean, state.best_epoch)
+    existing = os.path.join(output_dir, REPORT_DIR, 'index.html')
+    report_path = report_path or (existing if config['report'] and os.path.exists(existing) else None)
+    if report_path and utils.is_main_process():  # a resumed run may have written it before it stopped
+        print(f'report of the best epoch ({state.best_epoch}): {report_path}', flush=True)
     return 0
 
 
