@@ -1,6 +1,8 @@
 """Shared fixtures: the golden tiny model rebuilt from its recipe, and the golden reference outputs."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -85,3 +87,46 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str =
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
            f'--master_port={free_port()}', *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# The CPU demo, fine-tuned once per session and shared by the tests that need a trained model (the demo learns,
+# search finds the image of a caption, the report opens in a browser): training it takes most of a minute.
+DEMO_CONFIG = os.path.join(REPO, 'configs', 'retrieval_demo.yaml')
+DEMO_EPOCHS = 5
+DEMO_SEED = 42
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory) -> dict:
+    """configs/retrieval_demo.yaml trained for DEMO_EPOCHS epochs (seed 42, one thread, BLIP_STEP_TRACE on).
+
+    Returns the paths: `data` (the generated dataset), `out` (output_dir: log.txt, checkpoint_best.pth,
+    report/), `checkpoint`, `trace` (the step trace of rank 0), `vocab`; and `stdout`, what the run printed.
+    """
+    import run_state
+    import train_retrieval
+    from data import demo
+    root = tmp_path_factory.mktemp('demo_run')
+    data, out, trace = root / 'demo_data', root / 'run', str(root / 'trace')
+    saved_env = {name: os.environ.get(name) for name in (train_retrieval.STEP_TRACE_ENV, run_state.STOP_AFTER_STEPS_ENV)}
+    os.environ[train_retrieval.STEP_TRACE_ENV] = trace
+    os.environ.pop(run_state.STOP_AFTER_STEPS_ENV, None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same numbers on every machine, and no thread contention on a busy one
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = train_retrieval.main(['--config', DEMO_CONFIG, '--device', 'cpu', '--seed', str(DEMO_SEED),
+                                         '--output_dir', str(out), '--options', f'image_root={data}',
+                                         f'tokenizer={data / demo.VOCAB_FILENAME}', f'max_epoch={DEMO_EPOCHS}',
+                                         'tensorboard=False'])
+    finally:
+        torch.set_num_threads(threads)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    assert code == 0, printed.getvalue()[-3000:]
+    return {'data': data, 'out': out, 'checkpoint': out / 'checkpoint_best.pth', 'trace': f'{trace}.rank0.jsonl',
+            'vocab': data / demo.VOCAB_FILENAME, 'stdout': printed.getvalue()}
