@@ -134,6 +134,7 @@ def write_evaluation_report(output_dir: str, scores: Mapping[str, SplitScores], 
     """
     began = time.time()
     target = os.path.join(output_dir, REPORT_DIR)
+    os.makedirs(output_dir, exist_ok=True)
     for name in os.listdir(output_dir):  # left by a killed run (one rank writes: none is in progress)
         if name.startswith(f'.{REPORT_DIR}.') and name.endswith('.tmp') or name.startswith(f'{REPORT_DIR}.') \
                 and name.endswith('.old'):
