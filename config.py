@@ -43,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "save_every_steps": 0,
     "tensorboard": True,
     "augment": True,
+    "report": True,  # output_dir/report/: the visual report of each evaluation (report/)
+    "report_queries": 24,  # gallery queries per direction and split: half the worst-ranked, half random
+    "report_thumb_px": 128,  # longest side of the report's JPEG thumbnails
 }
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -195,6 +198,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "save_every_steps": _as_int,
     "tensorboard": _as_bool,
     "augment": _as_bool,
+    "report": _as_bool,
+    "report_queries": _as_int,
+    "report_thumb_px": _as_int,
 }
 assert set(_CHECKS) == set(_ALL_KEYS)
 
@@ -214,6 +220,8 @@ def _check_range(config: dict[str, Any]) -> None:
     require(0.0 <= config["alpha"] <= 1.0, "alpha", "between 0 and 1")
     require(0.0 <= config["momentum"] <= 1.0, "momentum", "between 0 and 1")
     require(config["k_test"] >= 1, "k_test", ">= 1")
+    require(config["report_queries"] >= 1, "report_queries", ">= 1 (set report: false to write no report)")
+    require(16 <= config["report_thumb_px"] <= 1024, "report_thumb_px", "between 16 and 1024 pixels")
     # queue_size % (batch_size_train x processes) is checked when training starts: evaluation never fills
     # the queue, so (as in the original) an evaluate run takes any queue_size of the checkpoint.
     patch = config["vit"]["patch_size"] if isinstance(config["vit"], dict) else 16

@@ -315,8 +315,12 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
 
 @torch.no_grad()
 def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch.device,
-                    autocast: Callable = None) -> tuple[np.ndarray, np.ndarray]:
-    """Score matrices (images x texts, texts x images) of one split, identical on every rank."""
+                    autocast: Callable = None, with_similarity: bool = False) -> tuple[np.ndarray, ...]:
+    """Score matrices (images x texts, texts x images) of one split, identical on every rank.
+
+    `with_similarity`: also the contrastive similarities (images x texts), the matrix the top-k came from
+    (the report shows each score's two parts: similarity and matching logit = score - similarity).
+    """
     model.eval()
     began = time.time()
     reference = config.get('eval_mode', 'fast') == 'reference'
@@ -332,15 +336,34 @@ def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch
         i2t, t2i = fast_scores(*args, pair_batch=config.get('eval_pair_batch'), autocast=autocast,
                                log_every=log_every)
     _logger.info('Evaluation time %.1f s', time.time() - began)
+    if with_similarity:
+        return i2t.cpu().numpy(), t2i.cpu().numpy(), (image_feat @ text_feat.t()).cpu().numpy()
     return i2t.cpu().numpy(), t2i.cpu().numpy()
 
 
-def evaluate_split(model, dataset, config: dict, device: torch.device, autocast: Callable = None) -> dict:
-    """Recall metrics of one evaluation split (a RetrievalEvalDataset): every rank encodes its share of the images."""
+@dataclass
+class SplitScores:
+    """One split as the evaluation left it, identical on every rank (what the report is made of)."""
+    i2t: np.ndarray   # (N, T) images x texts: matching logit + similarity for each image's top k_test, else -100
+    t2i: np.ndarray   # (T, N) texts x images, likewise
+    sims: np.ndarray  # (N, T) contrastive similarities
+    metrics: dict     # recall_metrics of i2t / t2i
+
+
+def evaluate_split(model, dataset, config: dict, device: torch.device, autocast: Callable = None,
+                   keep_scores: Optional[list] = None) -> dict:
+    """Recall metrics of one evaluation split (a RetrievalEvalDataset): every rank encodes its share of the images.
+
+    Rank 0 appends the split's SplitScores to `keep_scores` when one is given (for the report).
+    """
     loader = create_eval_loader(dataset, config['batch_size_test'], config['num_workers'], utils.get_rank(),
                                 utils.get_world_size())
-    scores_i2t, scores_t2i = evaluate_scores(model, loader, dataset.text, config, device, autocast)
-    return recall_metrics(scores_i2t, scores_t2i, dataset.txt2img, dataset.img2txt)
+    keep = keep_scores is not None and utils.is_main_process()
+    scores = evaluate_scores(model, loader, dataset.text, config, device, autocast, with_similarity=keep)
+    metrics = recall_metrics(scores[0], scores[1], dataset.txt2img, dataset.img2txt)
+    if keep:
+        keep_scores.append(SplitScores(*scores, metrics))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -69,6 +69,7 @@ from evaluation import chance_recall, evaluate_split, format_recall
 from models import model_from_config
 from models.checkpoint import CheckpointError
 from models.tokenizer import TokenizerError
+from report import REPORT_DIR, write_evaluation_report
 from run_state import (BEST_CHECKPOINT, EXIT_INTERRUPTED, LAST_CHECKPOINT, RUN_FILES, STEP_TRACE_ENV, TRAIN_LOG,
                        InjectedFailure, RunState, SetupError, StepTrace, StopRequest, adopt_resumed_config, agree,
                        check_output_dir, check_writable, failure_from_env, load_resume_state,
@@ -418,7 +419,9 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
 
 
 def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -> int:
-    results = {split: evaluate_split(model, datasets[split], config, device, autocast) for split in ('val', 'test')}
+    kept = [] if config['report'] else None
+    results = {split: evaluate_split(model, datasets[split], config, device, autocast, kept)
+               for split in ('val', 'test')}
     if utils.is_main_process():
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
         utils.append_json(os.path.join(output_dir, 'evaluate.txt'), record)
@@ -430,7 +433,22 @@ def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -
                            f'{len(dataset)} images, {len(dataset.text)} texts)')
         summary.append(f'  written to {os.path.join(output_dir, "evaluate.txt")}')
         print('\n'.join(summary), flush=True)
+        write_report(output_dir, kept, datasets, config)
     return 0
+
+
+def write_report(output_dir: str, kept: Optional[list], datasets, config: dict, epoch: Optional[int] = None
+                 ) -> Optional[str]:
+    """output_dir/report/ from the val and test matrices that `evaluate_split` kept (rank 0; none if report off)."""
+    if not kept:
+        return None
+    try:
+        path = write_evaluation_report(output_dir, dict(zip(('val', 'test'), kept)), datasets, config, epoch)
+    except OSError as error:  # a full disk must not end a fine-tune: the metrics and checkpoints are written
+        _logger.error('The report was not written: %s', error)
+        return None
+    print(f'report: {path}', flush=True)
+    return path
 
 
 def run_training(args, model, optimizer, state: RunState, datasets, config, dist_info, autocast) -> int:
@@ -465,6 +483,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
         _logger.info('Training %d epochs of %d steps (global batch %d = %d x %d processes)%s', config['max_epoch'],
                      state.steps_per_epoch, config['batch_size_train'] * world_size, config['batch_size_train'],
                      world_size, f', from epoch {state.epoch} step {state.step}' if resumed_at else '')
+    report_path = None  # the best epoch's report, written by rank 0
 
     def save() -> None:
         """checkpoint_last.pth of the current position (once per position)."""
@@ -485,8 +504,9 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                 train_stats = train_one_epoch(train_model, model, loader, optimizer, config, state, device,
                                               autocast, stop, save, writer, trace, fail_at)
                 save()  # the epoch's training is safe before its (possibly long) evaluation
-                val = evaluate_split(model, datasets['val'], config, device, autocast)
-                test = evaluate_split(model, datasets['test'], config, device, autocast)
+                kept = [] if config['report'] else None
+                val = evaluate_split(model, datasets['val'], config, device, autocast, kept)
+                test = evaluate_split(model, datasets['test'], config, device, autocast, kept)
                 if val['r_mean'] > state.best_r_mean:
                     state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
                     if utils.is_main_process():
@@ -494,6 +514,8 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                                                  'config': config, 'epoch': epoch, 'val_r_mean': val['r_mean']},
                                                 best_path)
                         _logger.info('New best val r_mean %.2f: saved %s', val['r_mean'], best_path)
+                        report_path = write_report(output_dir, kept, datasets, config, epoch) or report_path
+                del kept
                 if utils.is_main_process():
                     record = {**{f'train_{k}': v for k, v in train_stats.items()},
                               **{f'val_{k}': v for k, v in val.items()},
@@ -519,12 +541,14 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
             return stop.exit_code
         finally:
             writer.close()
-    if utils.is_main_process():
-        print(training_summary(state, datasets, output_dir), flush=True)
+    existing = os.path.join(output_dir, REPORT_DIR, 'index.html')
+    report_path = report_path or (existing if config['report'] and os.path.exists(existing) else None)
+    if utils.is_main_process():  # a resumed run may have written the report before it stopped
+        print(training_summary(state, datasets, output_dir, report_path), flush=True)
     return 0
 
 
-def training_summary(state: RunState, datasets: dict, output_dir: str) -> str:
+def training_summary(state: RunState, datasets: dict, output_dir: str, report_path: Optional[str]) -> str:
     """The last lines of a fine-tune: the best epoch's recall against chance, and where its files are."""
     log = os.path.join(output_dir, TRAIN_LOG)
     with open(log) as f:
@@ -538,6 +562,8 @@ def training_summary(state: RunState, datasets: dict, output_dir: str) -> str:
         if metrics:
             lines.append(f'  {split:<4} {format_recall(metrics)}  (chance r_mean {chance:.2f})')
     lines.append(f'  checkpoint: {os.path.join(output_dir, BEST_CHECKPOINT)}')
+    if report_path:
+        lines.append(f'  report of the best epoch ({state.best_epoch}): {report_path}')
     lines.append(f'  log: {log} (one line per epoch), TensorBoard: tensorboard --logdir '
                  f'{os.path.join(output_dir, "tensorboard")}')
     return '\n'.join(lines)

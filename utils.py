@@ -669,14 +669,23 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     _fsync_dir(directory)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Replace a text file in one step (temp file in the same folder, fsync, rename)."""
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Replace a file in one step (temp file beside it, fsync, rename): never a partial file at `path`."""
     tmp_path = f"{path}.{os.getpid()}.tmp"
-    with open(tmp_path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def append_json(path: str, record: dict) -> None:

@@ -1,6 +1,8 @@
 """Shared fixtures: the golden tiny model rebuilt from its recipe, and the golden reference outputs."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -109,3 +111,43 @@ def assert_close(actual, expected, digits: float, msg: str = '') -> None:
     tolerance = 10.0 ** -digits
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()),
                                msg=lambda m: f'{msg} ({digits} digits): {m}')
+
+
+# The CPU demo, fine-tuned once per session and shared by the tests that need a trained model (the demo learns,
+# search finds the image of a caption, the report opens in a browser): training it takes most of a minute.
+DEMO_CONFIG = os.path.join(REPO, 'configs', 'retrieval_demo.yaml')
+DEMO_EPOCHS = 5
+DEMO_SEED = 42
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory) -> dict:
+    """configs/retrieval_demo.yaml trained for DEMO_EPOCHS epochs (seed 42, BLIP_STEP_TRACE on).
+
+    Returns the paths: `data` (the generated dataset), `out` (output_dir: log.txt, checkpoint_best.pth,
+    report/), `checkpoint`, `trace` (the step trace of rank 0), `vocab`; and `stdout`, what the run printed.
+    """
+    import run_state
+    import train_retrieval
+    from data import demo
+    root = tmp_path_factory.mktemp('demo_run')
+    data, out, trace = root / 'demo_data', root / 'run', str(root / 'trace')
+    saved_env = {name: os.environ.get(name) for name in (train_retrieval.STEP_TRACE_ENV, run_state.STOP_AFTER_STEPS_ENV)}
+    os.environ[train_retrieval.STEP_TRACE_ENV] = trace
+    os.environ.pop(run_state.STOP_AFTER_STEPS_ENV, None)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = train_retrieval.main(['--config', DEMO_CONFIG, '--device', 'cpu', '--seed', str(DEMO_SEED),
+                                         '--output_dir', str(out), '--options', f'image_root={data}',
+                                         f'tokenizer={data / demo.VOCAB_FILENAME}', f'max_epoch={DEMO_EPOCHS}',
+                                         'tensorboard=False'])
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    assert code == 0, printed.getvalue()[-3000:]
+    return {'data': data, 'out': out, 'checkpoint': out / 'checkpoint_best.pth', 'trace': f'{trace}.rank0.jsonl',
+            'vocab': data / demo.VOCAB_FILENAME, 'stdout': printed.getvalue()}

@@ -39,3 +39,12 @@ def test_bench_train_variants_start_from_the_same_losses():
     match = LAST_LINE.match(lines[-1])
     assert match, lines[-1]
     assert float(match.group(2)) < 1e-4  # same weights, same inputs, fp32: the fast path changes no loss
+
+
+def test_bench_report_writes_a_report_of_the_asked_size():
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'bench_report.py'), '--images', '20',
+                             '--k_test', '8', '--image_px', '120x90', '--queries', '4'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.match(r'^report \d+\.\d+ s for one split of 20 images / 100 captions, \d+\.\d+ MB$', last), last
