@@ -147,20 +147,6 @@ def _merge_rows(scores: torch.Tensor) -> torch.Tensor:
     return total + SCORE_FILL
 
 
-def _image_blocks(pair_images: torch.Tensor, max_pairs: int) -> list[tuple[int, int]]:
-    """Split image-sorted pairs into [start, end) blocks of whole images, about `max_pairs` pairs each."""
-    counts = torch.unique_consecutive(pair_images, return_counts=True)[1].tolist()
-    blocks, start, size = [], 0, 0
-    for count in counts:
-        if size and size + count > max_pairs:
-            blocks.append((start, start + size))
-            start, size = start + size, 0
-        size += count
-    if size:
-        blocks.append((start, start + size))
-    return blocks
-
-
 @dataclass
 class _Batch:
     slots: slice    # its rows in the plan's slot arrays: `chunk` consecutive rows per image
@@ -188,71 +174,104 @@ class _Plan:
     real_slots: torch.Tensor   # (P,) the slot that holds each pair, in pair order
 
 
+@dataclass
+class _Chunks:
+    """Runs of up to `width` pairs of one image (one copy of its keys/values), sorted by (block, longest caption)."""
+    image: torch.Tensor   # (C,) image number (0..images-1, in image order)
+    start: torch.Tensor   # (C,) first pair, as a position in the (image, length) order
+    size: torch.Tensor    # (C,) real pairs
+    length: torch.Tensor  # (C,) longest caption (the last: lengths ascend within an image)
+    block: torch.Tensor   # (C,) block of its image
+    width: torch.Tensor   # (C,) slots it takes: its block's chunk width (padding repeats its last pair)
+
+
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
 
 
+def _image_blocks(pairs_per_image: list[int], max_pairs: int) -> torch.Tensor:
+    """Block of each image: consecutive whole images, a new block once one would exceed `max_pairs` pairs."""
+    block_of_image, block, size = [], 0, 0
+    for count in pairs_per_image:
+        if size and size + count > max_pairs:
+            block, size = block + 1, 0
+        size += count
+        block_of_image.append(block)
+    return torch.tensor(block_of_image, dtype=torch.long)
+
+
+def _chunk_widths(block_of_image: torch.Tensor, pairs_per_image: torch.Tensor, pair_batch: int) -> torch.Tensor:
+    """Texts sharing one copy of an image's keys/values, per block: few enough that a chunk holds captions of about
+    one length (TEXTS_PER_KV), at most an eighth of a batch, and no more than the block's mean pairs per image."""
+    blocks = int(block_of_image.max()) + 1 if block_of_image.numel() else 0
+    block_pairs = torch.zeros(blocks, dtype=torch.long).index_add_(0, block_of_image, pairs_per_image)
+    images_per_block = torch.bincount(block_of_image, minlength=blocks)
+    cap = torch.full_like(block_pairs, min(TEXTS_PER_KV, pair_batch // 8))
+    return torch.clamp(torch.minimum(cap, -(-block_pairs // images_per_block.clamp(min=1))), min=1)
+
+
+def _length_sorted_chunks(image_start: torch.Tensor, pairs_per_image: torch.Tensor, lengths: torch.Tensor,
+                          block_of_image: torch.Tensor, width_of_block: torch.Tensor) -> _Chunks:
+    """Cut each image's length-sorted pairs into chunks of its block's width; order them by (block, length)."""
+    image_width = width_of_block[block_of_image]
+    chunks_per_image = -(-pairs_per_image // image_width)
+    image = torch.repeat_interleave(torch.arange(pairs_per_image.numel()), chunks_per_image)
+    within = torch.arange(image.numel()) - _exclusive_cumsum(chunks_per_image)[image]  # chunk number in its image
+    start = image_start[image] + within * image_width[image]
+    size = torch.minimum(image_width[image], image_start[image] + pairs_per_image[image] - start)
+    length = lengths[start + size - 1]
+    block = block_of_image[image]
+    order = torch.argsort(block * (int(lengths.max()) + 1 if lengths.numel() else 1) + length, stable=True)
+    return _Chunks(image[order], start[order], size[order], length[order], block[order],
+                   width_of_block[block[order]])
+
+
 def _plan(pair_images: torch.Tensor, pair_lengths: torch.Tensor, pair_batch: int) -> _Plan:
-    """Blocks of whole images (about 4 batches each); each image's pairs sorted by caption length and cut into
-    chunks (padded to the block's chunk width); each block's chunks sorted by length and grouped into batches.
+    """The fast path's schedule of this rank's pairs (`pair_images` sorted; `pair_lengths` their caption lengths).
 
-    `pair_images` must be sorted. Vectorized: the host plans millions of pairs (COCO) in about a second.
+    1. Pairs by (image, caption length); blocks of whole images, about 4 batches each, whose keys/values are
+       computed once.
+    2. Each image's pairs cut into chunks that share one copy of its keys/values (`_length_sorted_chunks`).
+    3. Slots: every chunk padded to its block's chunk width (padding repeats its last pair), so the rows of a
+       batch are whole chunks, `width` per image.
+    4. Batches: consecutive chunks of one block, `pair_batch // width` of them; each keeps the columns of its
+       longest caption.
+
+    Vectorized: the host plans millions of pairs (COCO) in about a second.
     """
-    # Pairs by (image, caption length).
     by_length = torch.argsort(pair_lengths, stable=True)
-    order = by_length[torch.argsort(pair_images[by_length], stable=True)]
+    order = by_length[torch.argsort(pair_images[by_length], stable=True)]  # pair positions by (image, length)
     lengths = pair_lengths[order]
-    images, image_pairs = torch.unique_consecutive(pair_images[order], return_counts=True)
-    image_start = _exclusive_cumsum(image_pairs)
+    images, pairs_per_image = torch.unique_consecutive(pair_images[order], return_counts=True)
+    image_start = _exclusive_cumsum(pairs_per_image)
+    block_of_image = _image_blocks(pairs_per_image.tolist(), max_pairs=4 * pair_batch)
+    width_of_block = _chunk_widths(block_of_image, pairs_per_image, pair_batch)
+    chunks = _length_sorted_chunks(image_start, pairs_per_image, lengths, block_of_image, width_of_block)
 
-    # Blocks of whole images; chunk width per block: texts sharing one copy of an image's keys/values, few
-    # enough that chunks hold captions of about one length, at most an eighth of a batch.
-    block_bounds = _image_blocks(pair_images, max_pairs=4 * pair_batch)  # in pairs
-    block_of_image = torch.bucketize(image_start, torch.tensor([b[1] for b in block_bounds]), right=True)
-    block_images = torch.bincount(block_of_image, minlength=len(block_bounds))
-    block_pairs = torch.tensor([end - start for start, end in block_bounds], dtype=torch.long)
-    width = torch.clamp(torch.minimum(torch.full_like(block_pairs, min(TEXTS_PER_KV, pair_batch // 8)),
-                                      -(-block_pairs // block_images.clamp(min=1))), min=1)
-
-    # Chunks: (image, first pair, size), sorted by (block, longest caption).
-    image_width = width[block_of_image]
-    image_chunks = -(-image_pairs // image_width)
-    chunk_of = torch.repeat_interleave(torch.arange(images.numel()), image_chunks)  # image of each chunk
-    within = torch.arange(chunk_of.numel()) - _exclusive_cumsum(image_chunks)[chunk_of]
-    chunk_start = image_start[chunk_of] + within * image_width[chunk_of]
-    chunk_size = torch.minimum(image_width[chunk_of], image_start[chunk_of] + image_pairs[chunk_of] - chunk_start)
-    chunk_length = lengths[chunk_start + chunk_size - 1]  # the longest: lengths ascend within an image
-    chunk_block = block_of_image[chunk_of]
-    sort = torch.argsort(chunk_block * (int(lengths.max()) + 1 if lengths.numel() else 1) + chunk_length, stable=True)
-    chunk_of, chunk_start, chunk_size = chunk_of[sort], chunk_start[sort], chunk_size[sort]
-    chunk_length, chunk_block = chunk_length[sort], chunk_block[sort]
-    chunk_width = width[chunk_block]
-
-    # Slots: every chunk padded to its width, padding repeating the chunk's last pair.
-    slot_chunk = torch.repeat_interleave(torch.arange(chunk_of.numel()), chunk_width)
-    slot_offset = _exclusive_cumsum(chunk_width)
-    j = torch.arange(slot_chunk.numel()) - slot_offset[slot_chunk]
-    slot_pair = order[chunk_start[slot_chunk] + torch.minimum(j, chunk_size[slot_chunk] - 1)]
-    real = (j < chunk_size[slot_chunk]).nonzero().flatten()
+    slot_chunk = torch.repeat_interleave(torch.arange(chunks.image.numel()), chunks.width)
+    slot_offset = _exclusive_cumsum(chunks.width)  # first slot of each chunk
+    within = torch.arange(slot_chunk.numel()) - slot_offset[slot_chunk]
+    slot_pair = order[chunks.start[slot_chunk] + torch.minimum(within, chunks.size[slot_chunk] - 1)]
+    real = (within < chunks.size[slot_chunk]).nonzero().flatten()
     real_slots = torch.empty(pair_images.numel(), dtype=torch.long)
     real_slots[slot_pair[real]] = real
 
-    # Batches: consecutive chunks of one block, `pair_batch // width` of them.
-    first_image_of_block = _exclusive_cumsum(block_images)
-    chunk_image = chunk_of - first_image_of_block[chunk_block]  # index into its block's images
-    block_chunks = torch.bincount(chunk_block, minlength=len(block_bounds))
-    rank_in_block = torch.arange(chunk_of.numel()) - _exclusive_cumsum(block_chunks)[chunk_block]
-    batch_key = chunk_block * (chunk_of.numel() + 1) + rank_in_block // (pair_batch // chunk_width).clamp(min=1)
-    _, batch_chunks = torch.unique_consecutive(batch_key, return_counts=True)
-    first_chunks = _exclusive_cumsum(batch_chunks).tolist()
-    slot_ends = (slot_offset + chunk_width).tolist()
+    images_per_block = torch.bincount(block_of_image, minlength=len(width_of_block))
+    first_image_of_block = _exclusive_cumsum(images_per_block)
+    chunk_image = chunks.image - first_image_of_block[chunks.block]  # index into its block's images
+    chunks_per_block = torch.bincount(chunks.block, minlength=len(width_of_block))
+    rank_in_block = torch.arange(chunks.image.numel()) - _exclusive_cumsum(chunks_per_block)[chunks.block]
+    chunks_per_batch_of_block = (pair_batch // chunks.width).clamp(min=1)
+    batch_of_chunk = chunks.block * (chunks.image.numel() + 1) + rank_in_block // chunks_per_batch_of_block
+    _, chunks_per_batch = torch.unique_consecutive(batch_of_chunk, return_counts=True)
     blocks = [_Block(slice(first, first + n), []) for first, n in
-              zip(first_image_of_block.tolist(), block_images.tolist())]
-    for first, n in zip(first_chunks, batch_chunks.tolist()):
+              zip(first_image_of_block.tolist(), images_per_block.tolist())]
+    slot_ends = (slot_offset + chunks.width).tolist()
+    for first, n in zip(_exclusive_cumsum(chunks_per_batch).tolist(), chunks_per_batch.tolist()):
         last = first + n - 1
-        blocks[int(chunk_block[first])].batches.append(_Batch(
+        blocks[int(chunks.block[first])].batches.append(_Batch(
             slots=slice(int(slot_offset[first]), slot_ends[last]), chunks=slice(first, last + 1),
-            length=int(chunk_length[last])))
+            length=int(chunks.length[last])))
     return _Plan(blocks, images, slot_pair, chunk_image, real_slots)
 
 

@@ -333,7 +333,13 @@ def test_fast_training_path_equals_reference_path_on_short_captions(golden_check
     assert_close(fast_out.itm_logits, ref_out.itm_logits, REORDERED_DIGITS)
     assert fast_grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        assert_close(fast_grads[name], ref_grads[name], GOLDEN_DIGITS, name)  # through every layer's backward
+        if name.endswith('.key.bias'):
+            # Softmax ignores a shift shared by all keys, so a key bias has no gradient: both are rounding noise of
+            # the key weight's gradient terms, and only that scale bounds them.
+            noise = 10.0 ** -REORDERED_DIGITS * float(ref_grads[name.replace('.bias', '.weight')].abs().max())
+            assert max(float(fast_grads[name].abs().max()), float(ref_grads[name].abs().max())) <= noise, name
+        else:
+            assert_close(fast_grads[name], ref_grads[name], GOLDEN_DIGITS, name)  # through every layer's backward
 
 
 @pytest.mark.parametrize('fused', [True, False])

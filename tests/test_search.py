@@ -19,7 +19,7 @@ import search
 from config import load_config
 from data import pre_caption
 from data.image_folder import open_rgb, scan_images
-from train_retrieval import build_model
+from models import model_from_config
 from transform import build_eval_transform
 
 N_IMAGES = 16
@@ -59,7 +59,7 @@ def run_search(demo_run, tmp_path, *args, extra_options=()) -> tuple[int, list]:
 def demo_model(demo_run, *extra):
     config = load_config(DEMO_CONFIG, [f'pretrained={demo_run["checkpoint"]}', f'tokenizer={demo_run["vocab"]}',
                                        *extra])
-    return build_model(config).eval(), config
+    return model_from_config(config).eval(), config
 
 
 @torch.no_grad()
