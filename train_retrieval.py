@@ -562,10 +562,10 @@ def training_summary(state: RunState, datasets: dict, output_dir: str, report_pa
         if metrics:
             lines.append(f'  {split:<4} {format_recall(metrics)}  (chance r_mean {chance:.2f})')
     lines.append(f'  checkpoint: {os.path.join(output_dir, BEST_CHECKPOINT)}')
-    if report_path:
-        lines.append(f'  report of the best epoch ({state.best_epoch}): {report_path}')
     lines.append(f'  log: {log} (one line per epoch), TensorBoard: tensorboard --logdir '
                  f'{os.path.join(output_dir, "tensorboard")}')
+    if report_path:  # last, where the eye lands: the page to open
+        lines.append(f'  report of the best epoch ({state.best_epoch}): {report_path}')
     return '\n'.join(lines)
 
 

@@ -131,11 +131,29 @@ def init_distributed(device: str = "cuda", dist_url: str = "env://",
         kwargs: dict[str, Any] = {}
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # binds NCCL to this GPU, avoids device guessing
-        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
-                                rank=rank, timeout=timedelta(minutes=timeout_minutes), **kwargs)
+        timeout = timedelta(minutes=timeout_minutes)
+        store = _attempt_store(dist_url, timeout)
+        if store is not None:
+            kwargs["store"] = store
+        else:
+            kwargs["init_method"] = dist_url
+        dist.init_process_group(backend=backend, world_size=world_size, rank=rank, timeout=timeout, **kwargs)
         _start_failure_watch(dist_url, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank,
                     device=dev, distributed=distributed)
+
+
+def _attempt_store(dist_url: str, timeout: timedelta):
+    """Under torchrun, the agent's store with keys of this attempt only (None otherwise: init_method does it).
+
+    torchrun's static rendezvous keeps one store for all restarts, and the process group writes no attempt prefix
+    there: a restarted rank could read the address its dead peer published and fail to connect to it.
+    """
+    if not (dist_url.startswith("env://") and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore("blip/attempt_{}".format(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), store)
 
 
 def destroy_distributed(failed: bool = False) -> None:
@@ -420,7 +438,9 @@ def report_failure(message: str, exit_code: int) -> dict:
 
     Without a process group (or a store) it is this rank's own failure.
     """
-    mine = {"rank": get_rank(), "message": message, "exit_code": exit_code}
+    # Before the process group exists (it may be what failed), the launcher's rank is this rank's.
+    mine = {"rank": get_rank() if is_dist_initialized() else launch_rank(), "message": message,
+            "exit_code": exit_code}
     return _failure_watch.report(message, exit_code) if _failure_watch is not None else mine
 
 

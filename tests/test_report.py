@@ -319,7 +319,7 @@ def test_finetune_writes_the_report_of_its_best_epoch_and_the_demo_prints_its_pa
     log = read_jsonl(demo_run['out'] / 'log.txt')
     best = log[-1]['best_epoch']
     index = demo_run['out'] / 'report' / 'index.html'
-    assert demo_run['stdout'].rstrip().splitlines()[-1] == f'report of the best epoch ({best}): {index}'
+    assert demo_run['stdout'].rstrip().splitlines()[-1].strip() == f'report of the best epoch ({best}): {index}'
     page = parse_page(index)
     best_record = next(r for r in log if r['epoch'] == best)
     for split in ('val', 'test'):
