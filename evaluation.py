@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import utils
-from data.loaders import create_eval_loader, shard_range
+from data.loaders import batches_of, create_eval_loader, shard_range
 from models.tokenizer import tokenize, with_enc_token
 
 _logger = logging.getLogger(__name__)
@@ -83,11 +83,12 @@ def image_features(model, loader: Iterable, device: torch.device, autocast: Call
     with _autocast(autocast):
         tokens_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     embeds, feats = [], []
-    for image, _ in loader:
-        with _autocast(autocast):
-            image_embeds, image_feat = model.encode_image(image.to(device, non_blocking=True))
-        embeds.append(image_embeds.to(tokens_dtype or image_embeds.dtype))
-        feats.append(image_feat.float())
+    with batches_of(loader) as batches:
+        for image, _ in batches:
+            with _autocast(autocast):
+                image_embeds, image_feat = model.encode_image(image.to(device, non_blocking=True))
+            embeds.append(image_embeds.to(tokens_dtype or image_embeds.dtype))
+            feats.append(image_feat.float())
     if not embeds:  # an empty shard still joins the gathers, with the others' shape and dtype
         tokens = model.visual_encoder.pos_embed.shape[1]
         width = model.visual_encoder.embed_dim

@@ -64,7 +64,7 @@ import torch
 import utils
 from config import ConfigError, load_config, save_config
 from data import (DataError, check_images, create_datasets, create_train_loader, prepare_data, set_loader_epoch)
-from data.loaders import default_num_workers, worker_error_message
+from data.loaders import batches_of, default_num_workers, worker_error_message
 from evaluation import chance_recall, evaluate_split, format_recall
 from models import model_from_config
 from models.checkpoint import CheckpointError
@@ -184,9 +184,9 @@ def build_optimizer(model, config: dict, device: torch.device) -> torch.optim.Op
 
 
 # ---------------------------------------------------------------------------------------------- epochs
-def positioned_batches(loader, epoch: int, start: int, steps_per_epoch: int):
-    """The loader's batches; a sample that cannot be read stops the run with its epoch and step."""
-    iterator, step = iter(loader), start
+def positioned_batches(iterator, epoch: int, start: int, steps_per_epoch: int):
+    """The batches of a loader's iterator; a sample that cannot be read stops the run with its epoch and step."""
+    step = start
     while True:
         try:
             batch = next(iterator)
@@ -215,41 +215,42 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
     progress = utils.ProgressLogger(steps_per_epoch, f'Train Epoch [{epoch}]', config['log_every'])
     sums = dict(state.train_meters)
     lr = optimizer.param_groups[0]['lr']
-    batches = positioned_batches(loader, epoch, state.step, steps_per_epoch)
-    for step, (image, caption, idx) in enumerate(progress.iter(batches, start=state.step), start=state.step):
-        global_step = epoch * steps_per_epoch + step
-        image, idx = image.to(device, non_blocking=True), idx.to(device, non_blocking=True)
-        alpha = utils.ramp_alpha(config['alpha'], epoch, step, steps_per_epoch)
-        tokens = raw_model.tokenize(caption)
-        with (autocast() if autocast else contextlib.nullcontext()):
-            loss_ita, loss_itm = model(image, tokens, alpha=alpha, idx=idx)
-        loss = loss_ita + loss_itm
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if fail_at == global_step + 1:
-            raise InjectedFailure(f'BLIP_FAIL_AT: injected failure on rank {utils.get_rank()} at epoch {epoch} '
-                                  f'step {step}')
-        stop.note_step(global_step + 1)
-        losses, mean_losses, stopping = reduce_step(loss_ita, loss_itm, stop.requested, device)
-        if not all(map(math.isfinite, mean_losses)):  # non-finite on some rank: every rank sees it here
-            raise NonFiniteLossError(nonfinite_message(epoch, step, steps_per_epoch, losses))
-        optimizer.step()
-        if trace.enabled:
-            trace.write(epoch=epoch, step=step, lr=lr, alpha=alpha, idx=idx.tolist(), caption=list(caption),
-                        loss_ita=losses[0], loss_itm=losses[1])
-        progress.update(loss_ita=losses[0], loss_itm=losses[1], lr=lr)
-        for name, value in (('loss_ita', mean_losses[0]), ('loss_itm', mean_losses[1]), ('lr', lr)):
-            sums[name] = sums.get(name, 0.0) + value
-        sums['count'] = sums.get('count', 0) + 1
-        state.step, state.train_meters = step + 1, sums
-        if step % config['log_every'] == 0:
-            writer.add_scalars({'train/loss_ita': mean_losses[0], 'train/loss_itm': mean_losses[1], 'train/lr': lr,
-                                'train/alpha': alpha}, global_step)
-        if stopping:
-            raise Preempted()
-        if config['save_every_steps'] and state.step % config['save_every_steps'] == 0 \
-                and state.step < steps_per_epoch:
-            save_fn()
+    with batches_of(loader) as iterator:
+        batches = positioned_batches(iterator, epoch, state.step, steps_per_epoch)
+        for step, (image, caption, idx) in enumerate(progress.iter(batches, start=state.step), start=state.step):
+            global_step = epoch * steps_per_epoch + step
+            image, idx = image.to(device, non_blocking=True), idx.to(device, non_blocking=True)
+            alpha = utils.ramp_alpha(config['alpha'], epoch, step, steps_per_epoch)
+            tokens = raw_model.tokenize(caption)
+            with (autocast() if autocast else contextlib.nullcontext()):
+                loss_ita, loss_itm = model(image, tokens, alpha=alpha, idx=idx)
+            loss = loss_ita + loss_itm
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if fail_at == global_step + 1:
+                raise InjectedFailure(f'BLIP_FAIL_AT: injected failure on rank {utils.get_rank()} at epoch {epoch} '
+                                      f'step {step}')
+            stop.note_step(global_step + 1)
+            losses, mean_losses, stopping = reduce_step(loss_ita, loss_itm, stop.requested, device)
+            if not all(map(math.isfinite, mean_losses)):  # non-finite on some rank: every rank sees it here
+                raise NonFiniteLossError(nonfinite_message(epoch, step, steps_per_epoch, losses))
+            optimizer.step()
+            if trace.enabled:
+                trace.write(epoch=epoch, step=step, lr=lr, alpha=alpha, idx=idx.tolist(), caption=list(caption),
+                            loss_ita=losses[0], loss_itm=losses[1])
+            progress.update(loss_ita=losses[0], loss_itm=losses[1], lr=lr)
+            for name, value in (('loss_ita', mean_losses[0]), ('loss_itm', mean_losses[1]), ('lr', lr)):
+                sums[name] = sums.get(name, 0.0) + value
+            sums['count'] = sums.get('count', 0) + 1
+            state.step, state.train_meters = step + 1, sums
+            if step % config['log_every'] == 0:
+                writer.add_scalars({'train/loss_ita': mean_losses[0], 'train/loss_itm': mean_losses[1], 'train/lr': lr,
+                                    'train/alpha': alpha}, global_step)
+            if stopping:
+                raise Preempted()
+            if config['save_every_steps'] and state.step % config['save_every_steps'] == 0 \
+                    and state.step < steps_per_epoch:
+                save_fn()
     sums = dict(sums)
     count = max(1, sums.pop('count', 1))
     return {name: value / count for name, value in sums.items()}

@@ -1,6 +1,7 @@
 """Data loaders for retrieval training (shuffled, sharded, resumable) and evaluation (contiguous shards)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -102,6 +103,24 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def batches_of(loader: DataLoader) -> Iterator[Iterator]:
+    """An iterator over `loader` whose worker processes are stopped however the loop ends.
+
+    The workers ignore SIGTERM (see :func:`ignore_stop_signals`), and the interpreter's exit joins every child
+    after a SIGTERM: workers still alive when a run ends by an error (their iterator held by a traceback) would
+    keep the process from ever exiting. DataLoader has no public close, so this calls what its iterator's
+    ``__del__`` calls; for an exhausted iterator it does nothing.
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def default_num_workers(processes_on_node: int, most: int = 4) -> int:

@@ -7,6 +7,7 @@ import ast
 import errno
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -183,6 +184,8 @@ def test_an_image_deleted_during_training_is_named_with_its_step(tmp_path, monke
     assert 'Traceback' not in errors[0] and 'DataLoader worker' not in errors[0]
     if num_workers == 0:  # the retry warning is logged by the process that loads (workers log elsewhere)
         assert any('trying again' in r.getMessage() for r in caplog.records)
+    # The workers ignore SIGTERM: one left running would keep the interpreter from exiting (it joins every child).
+    assert not multiprocessing.active_children()
 
 
 # ---------------------------------------------------------------------------------------------- the disk
