@@ -1,11 +1,12 @@
-"""What a run writes and how a fine-tune continues: the output folder, the run state, checkpoint_last.pth,
-exact resume, stops on signals, and the test hooks.
+"""What a run writes, how a fine-tune continues and how a run ends: the output folder, the run state,
+checkpoint_last.pth, exact resume, stops on signals, exit codes, failures reported once, and the test hooks.
 
 A module of its own so that train_retrieval.py keeps to the command line and the loops; the guarantees
 (atomic saves, bit-identical resume, clean stops on SIGTERM/SIGUSR1/SIGINT) are described in train_retrieval.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import shlex
 import signal
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,7 +36,10 @@ RESUME_KEYS = ('model', 'optimizer', 'config', 'epoch', 'step', 'best_r_mean', '
                'train_meters', 'rng_states', 'world_size')
 # Stop after the current step and save. SIGTERM/SIGUSR1 are how schedulers preempt; SIGINT is Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# Exit codes (the README's table).
 EXIT_PREEMPTED = 0     # SIGTERM/SIGUSR1: a clean stop; the scheduler requeues, `--resume auto` continues
+EXIT_FAILED = 1        # a failure during the run: a bug, a failing rank, a full disk, a non-finite loss
+EXIT_USER_ERROR = 2    # bad input found before any compute
 EXIT_INTERRUPTED = 130  # SIGINT (128 + 2, the shell's convention), also after a clean save
 
 # Test hooks (environment variables), see train_retrieval.py's docstring.
@@ -384,3 +389,41 @@ def stop_after_steps_from_env() -> Optional[int]:
         return int(value)
     except ValueError:
         raise SetupError(f'{STOP_AFTER_STEPS_ENV}={value!r} must be an integer number of steps') from None
+
+
+# ---------------------------------------------------------------------------------------------- how a run fails
+def fail(message: str, exit_code: int, shared: bool = False, with_traceback: bool = False) -> int:
+    """Report a failure once and tell the other ranks; returns the exit code.
+
+    `shared`: every rank meets the same error (bad input, a non-finite loss, Ctrl-C), so only rank 0 prints it.
+    Otherwise the failing rank prints its own error, unless it follows from another rank's failure reported
+    first (its collective broke): then it names that one. Under torchrun the message also goes to the worker's
+    error file, so that torchrun's failure summary shows it as the root cause.
+    """
+    rank = utils.launch_rank()
+    first = utils.report_failure(message, exit_code)  # the first failure reported by any rank
+    if not shared and first['rank'] != rank:
+        _logger.error('Rank %d stops because rank %s failed: %s', rank, first['rank'], first['message'])
+        write_torchrun_error_file(f"stopped because rank {first['rank']} failed (see its message)", later=True)
+    elif shared:
+        if rank == 0:
+            _logger.error('%s', message)
+        write_torchrun_error_file(message if rank == 0 else 'the same error as rank 0', later=rank != 0)
+    else:
+        if with_traceback:
+            _logger.exception('Rank %d failed: %s', rank, message)
+        else:
+            _logger.error('%s', message if rank == 0 else f'Rank {rank}: {message}')
+        write_torchrun_error_file(message)
+    return exit_code
+
+
+def write_torchrun_error_file(message: str, later: bool = False) -> None:
+    """torchrun's agent reads a failed worker's TORCHELASTIC_ERROR_FILE ({"message", "timestamp"}, the format of
+    torch.distributed.elastic's error handler) and names the earliest as the root cause; `later` puts this rank's
+    after the rank whose error it repeats."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if path:
+        with contextlib.suppress(OSError):
+            with open(path, 'w') as f:
+                json.dump({'message': message, 'timestamp': int(time.time()) + int(later)}, f)

@@ -56,7 +56,6 @@ import logging
 import math
 import os
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
@@ -70,17 +69,14 @@ from models import model_from_config
 from models.checkpoint import CheckpointError
 from models.tokenizer import TokenizerError
 from report import REPORT_DIR, write_evaluation_report
-from run_state import (BEST_CHECKPOINT, EXIT_INTERRUPTED, LAST_CHECKPOINT, RUN_FILES, STEP_TRACE_ENV, TRAIN_LOG,
-                       InjectedFailure, RunState, SetupError, StepTrace, StopRequest, adopt_resumed_config, agree,
-                       check_output_dir, check_writable, failure_from_env, load_resume_state,
-                       read_resume_checkpoint, remove_stale_temp_files, resume_command, resume_path, save_last,
-                       set_rng_state, stop_after_steps_from_env, trim_log, warn_once)
+from run_state import (BEST_CHECKPOINT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, LAST_CHECKPOINT, RUN_FILES,
+                       STEP_TRACE_ENV, TRAIN_LOG, InjectedFailure, RunState, SetupError, StepTrace, StopRequest,
+                       adopt_resumed_config, agree, check_output_dir, check_writable, fail, failure_from_env,
+                       load_resume_state, read_resume_checkpoint, remove_stale_temp_files, resume_command,
+                       resume_path, save_last, set_rng_state, stop_after_steps_from_env, trim_log, warn_once)
 
 _logger = logging.getLogger('train_retrieval')
 
-EXIT_FAILED = 1       # a failure during the run: a bug, a failing rank, a full disk, a non-finite loss
-EXIT_NONFINITE = EXIT_FAILED
-EXIT_USER_ERROR = 2   # bad input found before any compute
 # Found before any compute, identical on every rank: reported once, by rank 0, without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, SetupError, TokenizerError, utils.LaunchError)
 
@@ -299,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as error:
         return fail(str(error), EXIT_USER_ERROR, shared=True)
     except NonFiniteLossError as error:  # every rank raises it at the same step
-        return fail(str(error), EXIT_NONFINITE, shared=True)
+        return fail(str(error), EXIT_FAILED, shared=True)
     except (TrainingDataError, utils.DiskWriteError) as error:
         return fail(str(error), EXIT_FAILED)
     except KeyboardInterrupt:
@@ -314,43 +310,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             root.removeHandler(handler)
             handler.close()
         root.setLevel(level_before)
-
-
-def fail(message: str, exit_code: int, shared: bool = False, with_traceback: bool = False) -> int:
-    """Report a failure once and tell the other ranks; returns the exit code.
-
-    `shared`: every rank meets the same error (bad input, a non-finite loss, Ctrl-C), so only rank 0 prints it.
-    Otherwise the failing rank prints its own error, unless it follows from another rank's failure reported
-    first (its collective broke): then it names that one. Under torchrun the message also goes to the worker's
-    error file, so that torchrun's failure summary shows it as the root cause.
-    """
-    rank = utils.launch_rank()
-    first = utils.report_failure(message, exit_code)  # the first failure reported by any rank
-    if not shared and first['rank'] != rank:
-        _logger.error('Rank %d stops because rank %s failed: %s', rank, first['rank'], first['message'])
-        write_torchrun_error_file(f"stopped because rank {first['rank']} failed (see its message)", later=True)
-    elif shared:
-        if rank == 0:
-            _logger.error('%s', message)
-        write_torchrun_error_file(message if rank == 0 else 'the same error as rank 0', later=rank != 0)
-    else:
-        if with_traceback:
-            _logger.exception('Rank %d failed: %s', rank, message)
-        else:
-            _logger.error('%s', message if rank == 0 else f'Rank {rank}: {message}')
-        write_torchrun_error_file(message)
-    return exit_code
-
-
-def write_torchrun_error_file(message: str, later: bool = False) -> None:
-    """torchrun's agent reads a failed worker's TORCHELASTIC_ERROR_FILE ({"message", "timestamp"}, the format of
-    torch.distributed.elastic's error handler) and names the earliest as the root cause; `later` puts this rank's
-    after the rank whose error it repeats."""
-    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
-    if path:
-        with contextlib.suppress(OSError):
-            with open(path, 'w') as f:
-                json.dump({'message': message, 'timestamp': int(time.time()) + int(later)}, f)
 
 
 def run(args: argparse.Namespace, config: dict, dist_info) -> int:
