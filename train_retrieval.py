@@ -129,8 +129,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.output_dir is None:
-        args.output_dir = os.path.join('output', os.path.splitext(os.path.basename(args.config))[0])
+        args.output_dir = default_output_dir(args.config)
     return args
+
+
+def default_output_dir(config_path: str) -> str:
+    """output/<config name>: the demo's run lands in output/retrieval_demo, not in a Flickr-named folder."""
+    return os.path.join('output', os.path.splitext(os.path.basename(config_path))[0])
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -156,9 +161,13 @@ def check_batch_sizes(config: dict, train_size: int, world_size: int) -> None:
 def check_pretrained_for_evaluation(config: dict, args: argparse.Namespace) -> None:
     """Evaluating random weights is almost always a mistake (a config with `pretrained: ''`): refuse it."""
     if args.evaluate and not config['pretrained'] and not args.allow_random_weights:
+        # The run to evaluate: this output_dir's, else the config's default folder's (evaluations often get a
+        # folder of their own), else this output_dir's to be.
+        folders = [args.output_dir, default_output_dir(args.config)]
+        folder = next((f for f in folders if os.path.isfile(os.path.join(f, BEST_CHECKPOINT))), args.output_dir)
         raise SetupError(
             "--evaluate with `pretrained: ''` would evaluate randomly initialised weights (recall at chance). "
-            f"To evaluate your fine-tune, add: --options pretrained={args.output_dir}/{BEST_CHECKPOINT} "
+            f"To evaluate your fine-tune, add: --options pretrained={os.path.join(folder, BEST_CHECKPOINT)} "
             '(or the path of another checkpoint); to evaluate random weights on purpose, add --allow_random_weights')
 
 

@@ -108,6 +108,17 @@ def test_evaluate_without_pretrained_refuses_and_says_how_to_evaluate_a_run(tmp_
     assert len(read_jsonl(out / 'evaluate.txt')) == 1
 
 
+def test_evaluate_into_a_folder_of_its_own_points_at_the_default_folders_checkpoint(tmp_path, caplog, data,
+                                                                                    monkeypatch):
+    """The README's way: the fine-tune in output/<config name>, its evaluation in another folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'output' / 'retrieval_flickr').mkdir(parents=True)
+    (tmp_path / 'output' / 'retrieval_flickr' / 'checkpoint_best.pth').write_bytes(b'')
+    message = run_main_error(base_args() + ['--evaluate', '--output_dir', 'output/eval'] + tiny_options(data),
+                             caplog)
+    assert '--options pretrained=output/retrieval_flickr/checkpoint_best.pth' in message
+
+
 # ---------------------------------------------------------------------------------------------- Ctrl-C
 def interrupt_options(data: dict) -> list[str]:
     return tiny_options(data, '', init_lr=3e-3, momentum=0.9, batch_size_train=4, queue_size=16, max_epoch=1)
