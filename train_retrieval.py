@@ -298,6 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS'):
                 os.environ.pop(name, None)
         dist_info = utils.init_distributed(args.device, args.dist_url)
+        utils.start_failure_watch(args.dist_url, dist_info.rank, dist_info.world_size)
         code = run(args, config, dist_info)
         failed = False
         return code
@@ -313,6 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as error:  # a bug, a CUDA error, a collective broken by a failed peer
         return fail(f'{type(error).__name__}: {error}', EXIT_FAILED, with_traceback=True)
     finally:
+        utils.stop_failure_watch()
         utils.destroy_distributed(failed=failed)
         # Called in-process (tests, notebooks): leave the root logger as it was, train.log closed.
         for handler in [h for h in root.handlers if h not in handlers_before]:

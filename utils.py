@@ -138,7 +138,6 @@ def init_distributed(device: str = "cuda", dist_url: str = "env://",
         else:
             kwargs["init_method"] = dist_url
         dist.init_process_group(backend=backend, world_size=world_size, rank=rank, timeout=timeout, **kwargs)
-        _start_failure_watch(dist_url, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank,
                     device=dev, distributed=distributed)
 
@@ -159,14 +158,10 @@ def _attempt_store(dist_url: str, timeout: timedelta):
 def destroy_distributed(failed: bool = False) -> None:
     """Tear down the process group if one exists.
 
-    After a clean run every rank first stops its failure watch and waits for the others, so that the rank
-    hosting the rendezvous store does not take it away while another rank still watches it. After a failure
-    nobody waits: the other ranks may be gone.
+    After a clean run every rank waits for the others first, so that the rank hosting the rendezvous store
+    does not take it away while another rank still watches it (run.failures). After a failure nobody waits:
+    the other ranks may be gone.
     """
-    global _failure_watch
-    if _failure_watch is not None:
-        _failure_watch.stop()
-        _failure_watch = None
     if is_dist_initialized():
         if not failed:
             barrier()
@@ -370,16 +365,6 @@ class FailureWatch:
             return json.loads(mine)
         return first
 
-    def peer_failure(self) -> dict | None:
-        """The failure another rank reported, if any (non-blocking)."""
-        try:
-            if not self._store.check([self._key]):
-                return None
-            failure = json.loads(self._store.get(self._key))
-        except Exception:
-            return None
-        return failure if failure["rank"] != self.rank else None
-
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_seconds):
             try:
@@ -416,21 +401,43 @@ def _store_address(dist_url: str) -> tuple[str, int] | None:
     return None
 
 
-def _start_failure_watch(dist_url: str, rank: int, world_size: int) -> None:
-    global _failure_watch
+def rendezvous_store_client(dist_url: str) -> tuple[Any, str] | None:
+    """A client connection of its own to the rendezvous TCP store and a key prefix for this attempt, or None.
+
+    For the failure watch (run.failures): the process group's store is not meant to be shared with another
+    thread. torchrun's agent keeps its store across restarts, so each attempt gets its own prefix.
+    """
     address = _store_address(dist_url)
     if address is None:
+        return None
+    store = dist.TCPStore(address[0], address[1], is_master=False, timeout=timedelta(seconds=30),
+                          wait_for_workers=False)
+    prefix = "blip/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "job"),
+                                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return store, prefix
+
+
+def start_failure_watch(dist_url: str, rank: int, world_size: int) -> None:
+    """Watch the other ranks for failures (only once a process group exists; a single process has no peers)."""
+    global _failure_watch
+    if not is_dist_initialized():
+        return
+    client = rendezvous_store_client(dist_url)
+    if client is None:
         _logger.warning("rendezvous %s has no TCP store: a rank that fails alone may leave the others waiting "
                         "for the process group timeout", dist_url)
         return
-    # Its own client connection: the process group's store is not meant to be shared with another thread.
-    store = dist.TCPStore(address[0], address[1], is_master=False, timeout=timedelta(seconds=30),
-                          wait_for_workers=False)
-    # torchrun's agent keeps its store across restarts: each attempt gets its own keys.
-    prefix = "blip/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "job"),
-                                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store, prefix = client
     _failure_watch = FailureWatch(store, rank, world_size, prefix)
     _failure_watch.start()
+
+
+def stop_failure_watch() -> None:
+    """Stop watching (before the process group goes: its store host may leave first)."""
+    global _failure_watch
+    if _failure_watch is not None:
+        _failure_watch.stop()
+        _failure_watch = None
 
 
 def report_failure(message: str, exit_code: int) -> dict:
@@ -442,11 +449,6 @@ def report_failure(message: str, exit_code: int) -> dict:
     mine = {"rank": get_rank() if is_dist_initialized() else launch_rank(), "message": message,
             "exit_code": exit_code}
     return _failure_watch.report(message, exit_code) if _failure_watch is not None else mine
-
-
-def peer_failure() -> dict | None:
-    """A failure that another rank reported, if any."""
-    return _failure_watch.peer_failure() if _failure_watch is not None else None
 
 
 # --------------------------------------------------------------------------- #
