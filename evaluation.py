@@ -27,6 +27,7 @@ import torch
 import utils
 from data.loaders import batches_of, create_eval_loader, shard_range
 from models.tokenizer import tokenize, with_enc_token
+from run.progress import ProgressLogger
 
 _logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
     k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)  # the original crashed when k_test > candidates
 
     start, end = shard_range(math.ceil(n_images * query_fraction), rank, world)
-    progress = utils.ProgressLogger(end - start, 'Evaluation i2t (reference)', log_every)
+    progress = ProgressLogger(end - start, 'Evaluation i2t (reference)', log_every)
     for i in progress.iter(range(start, end)):
         top_sim, top_idx = sims[i].topk(k_i2t)
         with _autocast(autocast):
@@ -129,7 +130,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
         i2t[i, top_idx] = logits[:, 1].float() + top_sim
 
     start, end = shard_range(math.ceil(n_texts * query_fraction), rank, world)
-    progress = utils.ProgressLogger(end - start, 'Evaluation t2i (reference)', log_every)
+    progress = ProgressLogger(end - start, 'Evaluation t2i (reference)', log_every)
     for j in progress.iter(range(start, end)):
         top_sim, top_idx = sims[:, j].topk(k_t2i)
         with _autocast(autocast):
@@ -308,7 +309,7 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
     chunk_image, block_images = plan.chunk_image.to(device), plan.block_images.to(device)
 
     slot_logits = torch.empty(plan.slot_pair.numel(), device=device)
-    progress = utils.ProgressLogger(len(plan.blocks), 'Evaluation pairs (fast)', log_every)
+    progress = ProgressLogger(len(plan.blocks), 'Evaluation pairs (fast)', log_every)
     began = time.time()
     for block in progress.iter(plan.blocks):
         with _autocast(autocast):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import evaluation
 import utils
+from atomic import atomic_write_bytes, atomic_write_text
 from config import ConfigError, load_config
 from data import DataError, pre_caption
 from data.loaders import default_num_workers
@@ -70,7 +71,7 @@ class ImageIndex:
     features: np.ndarray        # (N, embed_dim) float32, normalized
 
     def save(self, path: str) -> None:
-        utils.atomic_write_bytes(path, npz_bytes({
+        atomic_write_bytes(path, npz_bytes({
             'version': np.array(INDEX_VERSION), 'identity': np.array(self.identity), 'paths': np.array(self.paths, dtype=str),
             'sizes': self.sizes, 'mtimes_ns': self.mtimes_ns, 'features': self.features}))
 
@@ -302,7 +303,7 @@ def write_html(out: str, title: str, sources: dict[str, str], blocks: list[Calla
     subdir = os.path.splitext(os.path.basename(out))[0] + '_thumbs'
     thumbs = write_thumbnails(sources, folder, thumb_px, subdir=subdir)
     body = f'<h1>{html.esc(title)}</h1>\n' + '\n'.join(block(thumbs) for block in blocks)
-    utils.atomic_write_text(out, html.page(title, body))
+    atomic_write_text(out, html.page(title, body))
 
 
 def images_page(out: str, title: str, queries: list[str], answers: list[list[Result]], thumb_px: int) -> None:
@@ -401,7 +402,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.html:
                 images_page(args.html, f'Search in {args.images}', queries, answers, config['report_thumb_px'])
         if args.json:
-            utils.atomic_write_text(args.json, json.dumps(output, indent=1) + '\n')
+            atomic_write_text(args.json, json.dumps(output, indent=1) + '\n')
         if args.html:
             print(f'html: {args.html}')
     except (SearchError, ConfigError, DataError, CheckpointError, TokenizerError) as error:

@@ -69,11 +69,17 @@ from models import model_from_config
 from models.checkpoint import CheckpointError
 from models.tokenizer import TokenizerError
 from report import REPORT_DIR, write_evaluation_report
-from run_state import (BEST_CHECKPOINT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, LAST_CHECKPOINT, RUN_FILES,
-                       STEP_TRACE_ENV, TRAIN_LOG, InjectedFailure, RunState, SetupError, StepTrace, StopRequest,
-                       adopt_resumed_config, agree, check_output_dir, check_writable, fail, failure_from_env,
-                       load_resume_state, read_resume_checkpoint, remove_stale_temp_files, resume_command,
-                       resume_path, save_last, set_rng_state, stop_after_steps_from_env, trim_log, warn_once)
+from atomic import DiskWriteError, append_json, atomic_torch_save
+from run.checkpoints import (RunState, adopt_resumed_config, load_resume_state, read_resume_checkpoint, resume_path,
+                             save_last, set_rng_state)
+from run.failures import SetupError, fail, start_failure_watch, stop_failure_watch
+from run.hooks import (STEP_TRACE_ENV, InjectedFailure, StepTrace, failure_from_env, stop_after_steps_from_env)
+from run.output import (BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_FILES, TRAIN_LOG, check_output_dir, check_writable,
+                        remove_stale_temp_files, resume_command, trim_log)
+from run.progress import ProgressLogger
+from run.stops import StopRequest, agree
+from run.tensorboard import TensorboardWriter
+from utils import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, warn_once
 
 _logger = logging.getLogger('train_retrieval')
 
@@ -208,7 +214,7 @@ def positioned_batches(iterator, epoch: int, start: int, steps_per_epoch: int):
 
 
 def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: RunState, device: torch.device,
-                    autocast, stop: StopRequest, save_fn: Callable[[], None], writer: utils.TensorboardWriter,
+                    autocast, stop: StopRequest, save_fn: Callable[[], None], writer: TensorboardWriter,
                     trace: StepTrace, fail_at: Optional[int]) -> dict:
     """Train the rest of `state.epoch` from `state.step`; `state` advances with every step.
 
@@ -217,7 +223,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
     """
     model.train()
     epoch, steps_per_epoch = state.epoch, state.steps_per_epoch
-    progress = utils.ProgressLogger(steps_per_epoch, f'Train Epoch [{epoch}]', config['log_every'])
+    progress = ProgressLogger(steps_per_epoch, f'Train Epoch [{epoch}]', config['log_every'])
     sums = dict(state.train_meters)
     lr = optimizer.param_groups[0]['lr']
     with batches_of(loader) as iterator:
@@ -298,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS'):
                 os.environ.pop(name, None)
         dist_info = utils.init_distributed(args.device, args.dist_url)
-        utils.start_failure_watch(args.dist_url, dist_info.rank, dist_info.world_size)
+        start_failure_watch(args.dist_url, dist_info.rank, dist_info.world_size)
         code = run(args, config, dist_info)
         failed = False
         return code
@@ -306,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(str(error), EXIT_USER_ERROR, shared=True)
     except NonFiniteLossError as error:  # every rank raises it at the same step
         return fail(str(error), EXIT_FAILED, shared=True)
-    except (TrainingDataError, utils.DiskWriteError) as error:
+    except (TrainingDataError, DiskWriteError) as error:
         return fail(str(error), EXIT_FAILED)
     except KeyboardInterrupt:
         return fail(f'Interrupted: stopped at once. {LAST_CHECKPOINT} in {args.output_dir}, if any, is as last saved',
@@ -314,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as error:  # a bug, a CUDA error, a collective broken by a failed peer
         return fail(f'{type(error).__name__}: {error}', EXIT_FAILED, with_traceback=True)
     finally:
-        utils.stop_failure_watch()
+        stop_failure_watch()
         utils.destroy_distributed(failed=failed)
         # Called in-process (tests, notebooks): leave the root logger as it was, train.log closed.
         for handler in [h for h in root.handlers if h not in handlers_before]:
@@ -395,7 +401,7 @@ def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -
                for split in ('val', 'test')}
     if utils.is_main_process():
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
-        utils.append_json(os.path.join(output_dir, 'evaluate.txt'), record)
+        append_json(os.path.join(output_dir, 'evaluate.txt'), record)
         summary = [f'Evaluated {config["pretrained"] or "random weights"}']
         for split in ('val', 'test'):
             dataset = datasets[split]
@@ -444,7 +450,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
             model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     resumed_at = state.epoch * state.steps_per_epoch + state.step
     # A resumed run redoes the steps after its checkpoint: their earlier TensorBoard points are purged.
-    writer = utils.TensorboardWriter(os.path.join(output_dir, 'tensorboard')
+    writer = TensorboardWriter(os.path.join(output_dir, 'tensorboard')
                                      if config['tensorboard'] and utils.is_main_process() else None,
                                      purge_step=resumed_at or None)
     trace = StepTrace(os.environ.get(STEP_TRACE_ENV), rank)
@@ -481,7 +487,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                 if val['r_mean'] > state.best_r_mean:
                     state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
                     if utils.is_main_process():
-                        utils.atomic_torch_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                        atomic_torch_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                                  'config': config, 'epoch': epoch, 'val_r_mean': val['r_mean']},
                                                 best_path)
                         _logger.info('New best val r_mean %.2f: saved %s', val['r_mean'], best_path)
@@ -492,7 +498,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                               **{f'val_{k}': v for k, v in val.items()},
                               **{f'test_{k}': v for k, v in state.best_test.items()},
                               'epoch': epoch, 'best_epoch': state.best_epoch}
-                    utils.append_json(log_path, record)
+                    append_json(log_path, record)
                     # Same x axis as the train curves: the global step at the end of the epoch.
                     epoch_end = (epoch + 1) * state.steps_per_epoch
                     writer.add_scalars({**{f'val/{k}': v for k, v in val.items()},

@@ -1,32 +1,34 @@
-"""Shared runtime helpers: distributed setup, collectives and failure handling, logging, LR schedule,
-progress reporting, atomic file writes, seeding and TensorBoard.
+"""Shared runtime helpers, as the original's utils.py: process group and collectives, logging, LR schedule,
+seeding, precision, and the exit codes every command returns.
 
 This is the only module in the project that imports ``torch.distributed``; every
 helper works without a process group (rank 0, world size 1, collectives are no-ops).
 """
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import math
 import os
 import random
-import secrets
 import subprocess
 import sys
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 _logger = logging.getLogger(__name__)
 
+
+# --------------------------------------------------------------------------- #
+# Exit codes (the README's table): train_retrieval.py, search.py and models.hf_export return them
+# --------------------------------------------------------------------------- #
+EXIT_PREEMPTED = 0     # SIGTERM/SIGUSR1: a clean stop; the scheduler requeues, `--resume auto` continues
+EXIT_FAILED = 1        # a failure during the run: a bug, a failing rank, a full disk, a non-finite loss
+EXIT_USER_ERROR = 2    # bad input found before any compute
+EXIT_INTERRUPTED = 130  # SIGINT (128 + 2, the shell's convention), also after a clean save
 
 # --------------------------------------------------------------------------- #
 # Distributed setup
@@ -316,80 +318,6 @@ def launch_rank() -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- #
-# A rank that fails alone
-# --------------------------------------------------------------------------- #
-class FailureWatch:
-    """Ends every rank within seconds when one rank fails, whoever launched them.
-
-    A failing rank calls :meth:`report`: its rank, error and exit code go to the rendezvous store (the first
-    report wins, so the root cause is kept). A thread on every rank polls the store; on a peer's report, or when
-    the store itself is gone (its host, rank 0 or torchrun's agent, has died), it logs the failing rank's error and
-    ends its own process with ``os._exit``: the main thread may be blocked in a collective with the failed rank,
-    which NCCL waits out for the process group's timeout (60 minutes). torchrun's agent would stop the other
-    workers too; a plain ``srun`` launch has no agent.
-    """
-
-    ACK_WAIT_SECONDS = 5.0  # how long a failing rank waits for the others to have read its report
-
-    def __init__(self, store, rank: int, world_size: int, prefix: str, poll_seconds: float = 0.5) -> None:
-        self._store = store
-        self.rank = rank
-        self.world_size = world_size
-        self._key, self._ack_key = f"{prefix}/failure", f"{prefix}/acknowledged"
-        self._poll_seconds = poll_seconds
-        self._stop = threading.Event()
-        self._handled = threading.Event()  # this rank knows of the failure (its own, or a peer's it acted on)
-        self._thread = threading.Thread(target=self._watch, name="failure-watch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def report(self, message: str, exit_code: int) -> dict:
-        """Record this rank's failure (unless another came first) and return the failure that counts."""
-        self._handled.set()  # from now on this rank's main thread ends the process itself
-        mine = json.dumps({"rank": self.rank, "message": message, "exit_code": exit_code})
-        try:
-            first = json.loads(self._store.compare_set(self._key, "", mine))
-            self._store.add(self._ack_key, 1)
-            deadline = time.monotonic() + self.ACK_WAIT_SECONDS
-            # Without torchrun rank 0 hosts the store: leaving at once would take the report away with it.
-            while self.rank == 0 and self._store.add(self._ack_key, 0) < self.world_size \
-                    and time.monotonic() < deadline:
-                time.sleep(0.1)
-        except Exception:  # the store is gone: nobody else to tell
-            return json.loads(mine)
-        return first
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self._poll_seconds):
-            try:
-                if not self._store.check([self._key]):
-                    continue
-                failure = json.loads(self._store.get(self._key))
-                self._store.add(self._ack_key, 1)
-            except Exception as error:
-                if self._stop.is_set():
-                    return
-                failure = {"rank": None, "exit_code": 1, "message": "lost contact with the rendezvous store: the "
-                           f"process hosting it (rank 0, or torchrun's agent) has ended ({error})"}
-            if self._handled.is_set() or failure["rank"] == self.rank:
-                return
-            self._handled.set()
-            who = "a peer" if failure["rank"] is None else f"rank {failure['rank']}"
-            _logger.error("Rank %d stops because %s failed: %s", self.rank, who, failure["message"])
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os._exit(failure["exit_code"] or 1)
-
-
-_failure_watch: FailureWatch | None = None
-
-
 def _store_address(dist_url: str) -> tuple[str, int] | None:
     """Host and port of the rendezvous TCP store (env:// or tcp://), or None for other rendezvous kinds."""
     if dist_url.startswith("env://"):
@@ -415,40 +343,6 @@ def rendezvous_store_client(dist_url: str) -> tuple[Any, str] | None:
     prefix = "blip/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "job"),
                                  os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return store, prefix
-
-
-def start_failure_watch(dist_url: str, rank: int, world_size: int) -> None:
-    """Watch the other ranks for failures (only once a process group exists; a single process has no peers)."""
-    global _failure_watch
-    if not is_dist_initialized():
-        return
-    client = rendezvous_store_client(dist_url)
-    if client is None:
-        _logger.warning("rendezvous %s has no TCP store: a rank that fails alone may leave the others waiting "
-                        "for the process group timeout", dist_url)
-        return
-    store, prefix = client
-    _failure_watch = FailureWatch(store, rank, world_size, prefix)
-    _failure_watch.start()
-
-
-def stop_failure_watch() -> None:
-    """Stop watching (before the process group goes: its store host may leave first)."""
-    global _failure_watch
-    if _failure_watch is not None:
-        _failure_watch.stop()
-        _failure_watch = None
-
-
-def report_failure(message: str, exit_code: int) -> dict:
-    """Tell the other ranks that this one fails; returns the failure that counts (the first reported).
-
-    Without a process group (or a store) it is this rank's own failure.
-    """
-    # Before the process group exists (it may be what failed), the launcher's rank is this rank's.
-    mine = {"rank": get_rank() if is_dist_initialized() else launch_rank(), "message": message,
-            "exit_code": exit_code}
-    return _failure_watch.report(message, exit_code) if _failure_watch is not None else mine
 
 
 # --------------------------------------------------------------------------- #
@@ -481,6 +375,12 @@ def setup_logging(output_dir: str | None = None, rank: int = 0) -> None:
         root.addHandler(handler)
 
 
+
+def warn_once(message: str, *args) -> None:
+    """A warning from rank 0 only (other ranks log warnings too, and would repeat it)."""
+    if is_main_process():
+        logging.getLogger('train_retrieval').warning(message, *args)
+
 # --------------------------------------------------------------------------- #
 # Schedules
 # --------------------------------------------------------------------------- #
@@ -505,233 +405,8 @@ def ramp_alpha(alpha: float, epoch: int, step: int, steps_per_epoch: int) -> flo
 
 
 # --------------------------------------------------------------------------- #
-# Progress reporting
+# Seeding
 # --------------------------------------------------------------------------- #
-class SmoothedValue:
-    """Tracks a scalar: recent window (median/avg/latest) and the running global average."""
-
-    def __init__(self, window: int = 20) -> None:
-        self.window: deque[float] = deque(maxlen=window)
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.window.append(value)
-        self.total += value * n
-        self.count += n
-
-    @property
-    def value(self) -> float:
-        return self.window[-1] if self.window else 0.0
-
-    @property
-    def median(self) -> float:
-        if not self.window:
-            return 0.0
-        ordered = sorted(self.window)
-        return ordered[(len(ordered) - 1) // 2]
-
-    @property
-    def avg(self) -> float:
-        return sum(self.window) / len(self.window) if self.window else 0.0
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / self.count if self.count else 0.0
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().item())
-    return float(value)
-
-
-class ProgressLogger:
-    """Periodic progress lines on rank 0, e.g.
-    ``Train Epoch [0] [  50/906] eta 0:12:31 loss_ita 3.1234 (3.3000) lr 0.000010 time 0.812 s/it``.
-
-    Scalars whose name starts with ``lr`` are shown as their latest value; others as
-    window median (global average). Use ``for batch in progress.iter(loader)`` to time
-    steps and log automatically every ``log_every`` steps and at the last step.
-    """
-
-    def __init__(self, total_steps: int, header: str, log_every: int = 50) -> None:
-        self.total_steps = total_steps
-        self.header = header
-        self.log_every = max(1, log_every)
-        self.meters: dict[str, SmoothedValue] = {}
-        self.step_time = SmoothedValue()
-        self._start = time.time()
-        self._last_logged: int | None = None
-
-    def update(self, **scalars: Any) -> None:
-        """Record scalars (floats, ints or one-element tensors) for the current step."""
-        for name, value in scalars.items():
-            self.meters.setdefault(name, SmoothedValue()).update(_to_float(value))
-
-    def _seconds_per_step(self, step: int) -> float:
-        if self.step_time.count:
-            return self.step_time.avg
-        return (time.time() - self._start) / max(1, step + 1)
-
-    def format_line(self, step: int) -> str:
-        width = len(str(self.total_steps))
-        per_step = self._seconds_per_step(step)
-        eta = timedelta(seconds=int(per_step * max(0, self.total_steps - step - 1)))
-        parts = [f"{self.header} [{step:>{width}}/{self.total_steps}] eta {eta}"]
-        for name, meter in self.meters.items():
-            if name.startswith("lr"):
-                parts.append(f"{name} {meter.value:.6f}")
-            else:
-                parts.append(f"{name} {meter.median:.4f} ({meter.global_avg:.4f})")
-        parts.append(f"time {per_step:.3f} s/it")
-        return " ".join(parts)
-
-    def log(self, step: int) -> None:
-        """Emit the progress line for ``step`` on rank 0 (once per step)."""
-        if step == self._last_logged:
-            return
-        self._last_logged = step
-        if is_main_process():
-            _logger.info(self.format_line(step))
-
-    def iter(self, iterable: Iterable[Any], start: int = 0) -> Iterator[Any]:
-        """Yield from ``iterable``, timing each step (data + compute) and logging periodically.
-
-        ``start``: number of the first step (an epoch resumed mid-way counts on from there).
-        """
-        self._start = time.time()
-        tick = self._start
-        step = start - 1
-        for step, item in enumerate(iterable, start=start):
-            yield item
-            now = time.time()
-            self.step_time.update(now - tick)
-            tick = now
-            if step % self.log_every == 0 or step == self.total_steps - 1:
-                self.log(step)
-        total = time.time() - self._start
-        if is_main_process():
-            _logger.info("%s total time %s (%.3f s/it)", self.header,
-                         timedelta(seconds=int(total)), total / max(1, step + 1 - start))
-
-
-# --------------------------------------------------------------------------- #
-# Files, seeding, TensorBoard
-# --------------------------------------------------------------------------- #
-class DiskWriteError(RuntimeError):
-    """A file could not be written (disk full, read-only file system, quota); the previous file is intact."""
-
-    def __init__(self, errno_value: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = errno_value
-
-
-# errno values that a user fixes by making room or pointing the output elsewhere, not by changing code.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
-
-
-def human_bytes(n: int) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as df -H prints them)."""
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of the tensor storages in a nested checkpoint, each counted once: about what torch.save writes."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        if storage.data_ptr() in seen:
-            return 0
-        seen.add(storage.data_ptr())
-        return storage.nbytes()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    return 0
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``.
-
-    Writes to a temp file in the same directory, fsyncs it and renames it over
-    ``path``; on any failure the temp file is removed and ``path`` is untouched.
-    A full disk or read-only file system raises :class:`DiskWriteError` with the space the file needs.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(
-        directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        # O_EXCL: never clobber someone else's temp file; mode 0o666 honours the umask.
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException as error:
-        try:
-            os.remove(tmp_path)
-        except OSError:
-            pass
-        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
-            needed = _tensor_bytes(obj)
-            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-            raise DiskWriteError(error.errno, f"cannot write {path} ({os.strerror(error.errno)}): it needs about "
-                                 f"{human_bytes(needed)} ({needed:,} bytes) in {directory}; {kept}. Free that "
-                                 "much space there or point --output_dir at a writable disk with room") from None
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Replace a file in one step (temp file beside it, fsync, rename): never a partial file at `path`."""
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp_path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def append_json(path: str, record: dict) -> None:
-    """Append one JSON line and make it durable (a metrics record survives a crash right after it)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: str) -> None:
-    """Persist the rename itself (best effort; not possible on every platform)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def seed_everything(seed: int) -> None:
     """Seed python's random, numpy (if installed) and torch (CPU and all GPUs)."""
     random.seed(seed)
@@ -743,43 +418,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-class TensorboardWriter:
-    """Scalar logging to TensorBoard on rank 0; a no-op elsewhere, without a log_dir,
-    or when tensorboard is not installed."""
-
-    def __init__(self, log_dir: str | None, purge_step: int | None = None) -> None:
-        """``purge_step``: a resumed run's first step; events an earlier run wrote from there on are dropped,
-        so the replayed steps do not show twice."""
-        self._writer = None
-        if log_dir is None or not is_main_process():
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            _logger.warning("tensorboard is not installed; scalars will not be written")
-            return
-        self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
-
-    @property
-    def enabled(self) -> bool:
-        return self._writer is not None
-
-    def add_scalars(self, scalars: dict[str, Any], step: int) -> None:
-        """Write each ``name: value`` pair as its own scalar series at ``step``."""
-        if self._writer is None:
-            return
-        for name, value in scalars.items():
-            self._writer.add_scalar(name, _to_float(value), step)
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 # --------------------------------------------------------------------------- #

@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 from ruamel.yaml import YAML
 
+from atomic import atomic_write_text
 from data.retrieval_dataset import ImagePathResolver
 from report import html
-from utils import atomic_write_text
 from report.html import Hit, esc
 from report.summary import load_ranks
 from report.thumbs import THUMB_DIR, write_thumbnails

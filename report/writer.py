@@ -17,7 +17,7 @@ import numpy as np
 from data.retrieval_dataset import ImagePathResolver
 from report import html
 from report.files import npz_bytes, replace_dir
-from utils import atomic_write_bytes
+from atomic import atomic_write_bytes
 from report.html import Hit, esc
 from report.paper import paper_numbers
 from report.plots import rank_histogram_png, recall_curve_png

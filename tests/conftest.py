@@ -127,14 +127,14 @@ def demo_run(tmp_path_factory) -> dict:
     Returns the paths: `data` (the generated dataset), `out` (output_dir: log.txt, checkpoint_best.pth,
     report/), `checkpoint`, `trace` (the step trace of rank 0), `vocab`; and `stdout`, what the run printed.
     """
-    import run_state
+    from run import hooks
     import train_retrieval
     from data import demo
     root = tmp_path_factory.mktemp('demo_run')
     data, out, trace = root / 'demo_data', root / 'run', str(root / 'trace')
-    saved_env = {name: os.environ.get(name) for name in (train_retrieval.STEP_TRACE_ENV, run_state.STOP_AFTER_STEPS_ENV)}
-    os.environ[train_retrieval.STEP_TRACE_ENV] = trace
-    os.environ.pop(run_state.STOP_AFTER_STEPS_ENV, None)
+    saved_env = {name: os.environ.get(name) for name in (hooks.STEP_TRACE_ENV, hooks.STOP_AFTER_STEPS_ENV)}
+    os.environ[hooks.STEP_TRACE_ENV] = trace
+    os.environ.pop(hooks.STOP_AFTER_STEPS_ENV, None)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):

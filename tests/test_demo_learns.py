@@ -24,6 +24,7 @@ import pytest
 from conftest import DEMO_CONFIG, DEMO_EPOCHS, DEMO_SEED
 
 import train_retrieval
+from run import hooks
 from data import demo
 from evaluation import chance_recall, recall_metrics
 
@@ -102,7 +103,7 @@ def test_demo_repeats_bit_for_bit_on_a_busy_machine(demo_run, tmp_path, monkeypa
     CPU-bound process competing for the cores, as where two runs once diverged. Also the demo's own
     output folder and closing summary."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(train_retrieval.STEP_TRACE_ENV, str(tmp_path / 'trace'))
+    monkeypatch.setenv(hooks.STEP_TRACE_ENV, str(tmp_path / 'trace'))
     hog = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
     try:  # no --output_dir: the demo's own folder, output/retrieval_demo
         code = train_retrieval.main(['--config', DEMO_CONFIG, '--device', 'cpu', '--seed', str(DEMO_SEED),

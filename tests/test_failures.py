@@ -176,7 +176,7 @@ def test_an_image_deleted_during_training_is_named_with_its_step(tmp_path, monke
     code = train_retrieval.main(base_args() + ['--output_dir', str(out)]
                                 + tiny_options(data, batch_size_train=4, queue_size=16, max_epoch=1,
                                                num_workers=num_workers))
-    assert code == train_retrieval.EXIT_FAILED
+    assert code == utils.EXIT_FAILED
     errors = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"epoch 0 step {seen['step']} (global step {seen['step']}): image '{victim}' not found")
@@ -209,7 +209,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_size_needed(tmp_path
                                 + tiny_options(data, batch_size_train=4, queue_size=16, max_epoch=1,
                                                save_every_steps=1))
     monkeypatch.undo()
-    assert code == train_retrieval.EXIT_FAILED
+    assert code == utils.EXIT_FAILED
     (message,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     checkpoint = torch.load(out / 'checkpoint_last.pth', map_location='cpu', weights_only=True)
     assert checkpoint['step'] == saves[0] == 1
@@ -238,7 +238,7 @@ def test_an_output_dir_on_a_read_only_disk_fails_before_any_compute(tmp_path, re
     caplog.clear()
     code = train_retrieval.main(base_args() + ['--output_dir', str(read_only_dir / 'run')]
                                 + tiny_options(data, golden_checkpoint))
-    assert code == train_retrieval.EXIT_USER_ERROR
+    assert code == utils.EXIT_USER_ERROR
     (message,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert f'--output_dir {read_only_dir / "run"} cannot be written (Read-only file system' in message
     assert not any('Building the model' in r.getMessage() for r in caplog.records)

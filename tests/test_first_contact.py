@@ -19,6 +19,7 @@ from synthetic import write_colour_dataset
 from test_train_retrieval import base_args, read_jsonl, run_main_error, tiny_options
 
 import train_retrieval
+import utils
 from models.tokenizer import BUNDLED_VOCAB
 
 SCRIPT = os.path.join(REPO, 'train_retrieval.py')
@@ -79,7 +80,7 @@ def test_default_tokenizer_needs_no_network(tmp_path, data, golden_checkpoint):
 def test_a_tokenizer_that_cannot_be_loaded_is_one_line_naming_the_key(tmp_path, data, golden_checkpoint):
     options = tiny_options(data, golden_checkpoint, tokenizer='no-such-org/no-such-tokenizer')
     result = run_offline(base_args() + ['--evaluate', '--output_dir', str(tmp_path / 'out')] + options, tmp_path)
-    assert result.returncode == train_retrieval.EXIT_USER_ERROR, (result.stdout + result.stderr)[-3000:]
+    assert result.returncode == utils.EXIT_USER_ERROR, (result.stdout + result.stderr)[-3000:]
     errors = [line for line in result.stdout.splitlines() if ' ERROR ' in line]
     assert len(errors) == 1 and 'Traceback' not in result.stdout + result.stderr, result.stdout[-3000:]
     assert "config key `tokenizer`: cannot load 'no-such-org/no-such-tokenizer'" in errors[0]
@@ -279,7 +280,7 @@ def test_tensorboard_after_a_crash_and_resume_has_each_step_once(tmp_path, data,
     options = tiny_options(data, '', init_lr=3e-3, momentum=0.9, batch_size_train=8, queue_size=16, max_epoch=2,
                            save_every_steps=5, log_every=1, tensorboard=True)
     monkeypatch.setenv('BLIP_FAIL_AT', '0:14')  # a crash during global step 14 (0-based 13)
-    assert train_retrieval.main(base_args() + ['--output_dir', str(out)] + options) == train_retrieval.EXIT_FAILED
+    assert train_retrieval.main(base_args() + ['--output_dir', str(out)] + options) == utils.EXIT_FAILED
     monkeypatch.delenv('BLIP_FAIL_AT')
     last = torch.load(out / 'checkpoint_last.pth', weights_only=True)
     assert (last['epoch'], last['step']) == (0, 10)

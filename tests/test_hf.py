@@ -21,6 +21,7 @@ from synthetic import write_colour_dataset
 from test_train_retrieval import base_args, read_jsonl, tiny_options
 
 import train_retrieval
+import utils
 from models import BLIP_Retrieval, blip_retrieval, hf, hf_export
 from models.checkpoint import CheckpointError
 from transform import build_eval_transform
@@ -245,7 +246,7 @@ def test_folder_that_does_not_fit_the_config_names_the_key(hf_folders, tmp_path,
     caplog.clear()
     args = base_args() + ['--evaluate', '--output_dir', str(tmp_path / 'out')] + tiny_options(data, folder,
                                                                                                image_size=64)
-    assert train_retrieval.main(args) == train_retrieval.EXIT_USER_ERROR
+    assert train_retrieval.main(args) == utils.EXIT_USER_ERROR
     (message,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert '`image_size`' in message
     assert not (tmp_path / 'out').exists()

@@ -22,7 +22,9 @@ from conftest import REPO, TINY_KWARGS, free_port, run_torchrun
 from synthetic import write_colour_dataset
 from test_train_retrieval import base_args, run_main_error, tiny_options
 
-import run_state
+import atomic
+from run import checkpoints, output
+from run.failures import SetupError
 import train_retrieval
 import utils
 from models import BLIP_Retrieval
@@ -262,9 +264,9 @@ def test_signal_during_evaluation_stops_at_the_epoch_boundary_and_resumes_exactl
 def test_resume_drops_log_records_of_epochs_it_redoes(tmp_path):
     log = tmp_path / 'log.txt'
     log.write_text('{"epoch": 0, "val_r_mean": 50.0}\n{"epoch": 1, "val_r_mean": 60.0}\n{"epoch": 2, "val_')
-    run_state.trim_log(str(log), 1)  # killed after epoch 1 was logged but before it was saved
+    output.trim_log(str(log), 1)  # killed after epoch 1 was logged but before it was saved
     assert log.read_text() == '{"epoch": 0, "val_r_mean": 50.0}\n'
-    run_state.trim_log(str(log), 1)
+    output.trim_log(str(log), 1)
     assert log.read_text() == '{"epoch": 0, "val_r_mean": 50.0}\n'
     assert os.listdir(tmp_path) == ['log.txt']
 
@@ -291,7 +293,7 @@ def test_crash_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(tmp_path
     model, path = torch.nn.Linear(4, 3), tmp_path / 'checkpoint_last.pth'
     optimizer = torch.optim.AdamW(model.parameters())
     config = {'seed': 3, 'batch_size_train': 2}
-    train_retrieval.save_last(str(path), model, optimizer, config, train_retrieval.RunState(epoch=1, step=2))
+    checkpoints.save_last(str(path), model, optimizer, config, checkpoints.RunState(epoch=1, step=2))
     good_bytes, good_weight = path.read_bytes(), model.weight.detach().clone()
 
     real_save = torch.save
@@ -306,14 +308,14 @@ def test_crash_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(tmp_path
     with torch.no_grad():
         model.weight.add_(1.0)
     monkeypatch.setattr(torch, 'save', write_half_then_fail)
-    with pytest.raises(utils.DiskWriteError, match='No space left') as error:
-        train_retrieval.save_last(str(path), model, optimizer, config, train_retrieval.RunState(epoch=1, step=3))
+    with pytest.raises(atomic.DiskWriteError, match='No space left') as error:
+        checkpoints.save_last(str(path), model, optimizer, config, checkpoints.RunState(epoch=1, step=3))
     assert 'the previous file is unchanged' in str(error.value)
     monkeypatch.undo()
 
     assert os.listdir(tmp_path) == ['checkpoint_last.pth']  # no temp file left
     assert path.read_bytes() == good_bytes
-    checkpoint = train_retrieval.read_resume_checkpoint(str(path), allow_unsafe=False)  # weights_only load
+    checkpoint = checkpoints.read_resume_checkpoint(str(path), allow_unsafe=False)  # weights_only load
     assert (checkpoint['epoch'], checkpoint['step']) == (1, 2)
     assert torch.equal(checkpoint['model']['weight'], good_weight)
 
@@ -332,7 +334,7 @@ def test_tampered_checkpoint_is_refused_by_resume_and_by_pretrained(tmp_path, ca
     data = write_colour_dataset(str(tmp_path / 'data'), n_train=4, n_val=2, n_test=2)
     marker = tmp_path / 'payload_ran'
     evil = tmp_path / 'checkpoint_last.pth'
-    looks_valid = {key: 0 for key in run_state.RESUME_KEYS}
+    looks_valid = {key: 0 for key in checkpoints.RESUME_KEYS}
     looks_valid.update(model={'temp': torch.ones(1)}, config={}, best_test={}, train_meters={})
     torch.save({**looks_valid, 'payload': _MkdirOnLoad(str(marker))}, evil)
     out = tmp_path / 'out'
@@ -361,7 +363,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     caplog.clear()
     code = train_retrieval.main(base_args() + ['--output_dir', str(out)]
                                 + tiny_options(data, batch_size_train=4, save_every_steps=2, max_epoch=1))
-    assert code == train_retrieval.EXIT_FAILED
+    assert code == utils.EXIT_FAILED
     (message,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert 'non-finite loss at epoch 0 step 2' in message and 'loss_ita nan' in message
     assert 'checkpoint_last.pth is left as it was' in message and 'lower init_lr' in message
@@ -448,8 +450,8 @@ def test_checkpoint_of_another_architecture_with_resume(tmp_path, caplog, data):
     model = BLIP_Retrieval(**TINY_KWARGS)
     config = {**TINY_KWARGS, 'seed': 42, 'batch_size_train': 8}
     path = tmp_path / 'other' / 'checkpoint_last.pth'
-    train_retrieval.save_last(str(path), model, torch.optim.AdamW(model.parameters()), config,
-                              train_retrieval.RunState(epoch=1))
+    checkpoints.save_last(str(path), model, torch.optim.AdamW(model.parameters()), config,
+                              checkpoints.RunState(epoch=1))
     message = run_main_error(train_args(tmp_path, '--resume', str(path)) + tiny_options(data, embed_dim=32), caplog)
     assert f'{path} is of another architecture' in message
     assert 'shape: vision_proj.weight: (16, 64) in the checkpoint, (32, 64) in the model' in message
@@ -477,7 +479,7 @@ def test_resume_of_a_missing_file(tmp_path, caplog, data):
 
 def test_queue_suggestions_are_valid_sizes():
     # 16 per GPU on 7 GPUs: 57600 is not a multiple of 112; the nearest multiples are offered.
-    with pytest.raises(train_retrieval.SetupError, match=r'use queue_size=57568 or 57680 \(any multiple of 112\)'):
+    with pytest.raises(SetupError, match=r'use queue_size=57568 or 57680 \(any multiple of 112\)'):
         train_retrieval.check_batch_sizes({'batch_size_train': 16, 'queue_size': 57600}, 145000, 7)
     for queue_size in (57568, 57680):
         train_retrieval.check_batch_sizes({'batch_size_train': 16, 'queue_size': queue_size}, 145000, 7)

@@ -12,6 +12,7 @@ from conftest import REPO, TINY_KWARGS, TINY_MED_CONFIG, VOCAB, assert_close, ru
 from synthetic import write_colour_dataset
 
 import train_retrieval
+import utils
 from data import create_datasets
 from evaluation import evaluate_scores, recall_metrics
 from models import blip_retrieval
@@ -220,7 +221,7 @@ def test_coco_config_two_processes_with_negatives_from_all_ranks(tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 def run_main_error(args, caplog) -> str:
     caplog.clear()
-    assert train_retrieval.main(args) == train_retrieval.EXIT_USER_ERROR
+    assert train_retrieval.main(args) == utils.EXIT_USER_ERROR
     errors = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert len(errors) == 1, errors
     return errors[0]

@@ -18,7 +18,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import atomic  # noqa: E402
 import utils  # noqa: E402
+from run import tensorboard  # noqa: E402
+from run.progress import ProgressLogger, SmoothedValue  # noqa: E402
 
 
 # --------------------------------------------------------------------------- #
@@ -122,19 +125,19 @@ class _Unpicklable:
 
 def test_atomic_torch_save_writes_and_replaces(tmp_path: Path) -> None:
     path = tmp_path / "ckpt" / "model.pth"
-    utils.atomic_torch_save({"w": torch.ones(2)}, path)
-    utils.atomic_torch_save({"w": torch.zeros(3)}, str(path))
+    atomic.atomic_torch_save({"w": torch.ones(2)}, path)
+    atomic.atomic_torch_save({"w": torch.zeros(3)}, str(path))
     assert torch.equal(torch.load(path)["w"], torch.zeros(3))
     assert os.listdir(path.parent) == ["model.pth"]
 
 
 def test_atomic_torch_save_failure_keeps_old_file(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
-    utils.atomic_torch_save({"epoch": 1, "w": torch.arange(4)}, path)
+    atomic.atomic_torch_save({"epoch": 1, "w": torch.arange(4)}, path)
     before = path.read_bytes()
     big = torch.randn(1000)  # the temp file is already partly written when pickling fails
     with pytest.raises(RuntimeError, match="boom while pickling"):
-        utils.atomic_torch_save({"w": big, "bad": _Unpicklable()}, path)
+        atomic.atomic_torch_save({"w": big, "bad": _Unpicklable()}, path)
     assert path.read_bytes() == before
     assert torch.load(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["model.pth"]  # no temp file left behind
@@ -172,8 +175,8 @@ def test_setup_logging_is_idempotent_and_writes_file(tmp_path: Path, restore_roo
 
 
 def test_progress_logger_line(caplog) -> None:
-    progress = utils.ProgressLogger(total_steps=906, header="Train Epoch [0]", log_every=50)
-    with caplog.at_level(logging.INFO, logger="utils"):
+    progress = ProgressLogger(total_steps=906, header="Train Epoch [0]", log_every=50)
+    with caplog.at_level(logging.INFO, logger="run.progress"):
         for step, _ in enumerate(progress.iter(range(3))):
             progress.update(loss_ita=torch.tensor(float(step + 1)), lr=1e-5)
             progress.log(step)  # explicit calls must not duplicate the automatic ones
@@ -189,8 +192,8 @@ def test_progress_logger_line(caplog) -> None:
 
 
 def test_progress_iter_logs_every_n_and_last(caplog) -> None:
-    progress = utils.ProgressLogger(total_steps=7, header="Eval", log_every=3)
-    with caplog.at_level(logging.INFO, logger="utils"):
+    progress = ProgressLogger(total_steps=7, header="Eval", log_every=3)
+    with caplog.at_level(logging.INFO, logger="run.progress"):
         for _ in progress.iter(range(7)):
             progress.update(x=1)
     steps = [r.getMessage().split("]")[0] for r in caplog.records[:-1]]
@@ -198,7 +201,7 @@ def test_progress_iter_logs_every_n_and_last(caplog) -> None:
 
 
 def test_smoothed_value() -> None:
-    meter = utils.SmoothedValue(window=3)
+    meter = SmoothedValue(window=3)
     for v in [10.0, 1.0, 2.0, 3.0]:
         meter.update(v)
     assert meter.value == 3.0 and meter.median == 2.0 and meter.avg == 2.0
@@ -216,11 +219,11 @@ def test_seed_everything_repeats() -> None:
 
 
 def test_tensorboard_writer(tmp_path: Path) -> None:
-    disabled = utils.TensorboardWriter(None)
+    disabled = tensorboard.TensorboardWriter(None)
     disabled.add_scalars({"loss": 1.0}, 0)  # no-op
     assert not disabled.enabled
     pytest.importorskip("tensorboard")
-    writer = utils.TensorboardWriter(str(tmp_path))
+    writer = tensorboard.TensorboardWriter(str(tmp_path))
     assert writer.enabled
     writer.add_scalars({"loss": torch.tensor(1.5), "lr": 1e-5}, step=3)
     writer.close()

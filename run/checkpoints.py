@@ -1,0 +1,180 @@
+"""checkpoint_last.pth and exact resume: what the run state holds, every rank's RNG, and continuing from it."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+import utils
+from atomic import atomic_torch_save
+from config import RESULT_NEUTRAL_KEYS
+from models.checkpoint import read_checkpoint
+from run.failures import SetupError
+from run.output import LAST_CHECKPOINT
+
+_logger = logging.getLogger('train_retrieval')
+
+RESUME_KEYS = ('model', 'optimizer', 'config', 'epoch', 'step', 'best_r_mean', 'best_epoch', 'best_test',
+               'train_meters', 'rng_states', 'world_size')
+
+
+@dataclass
+class RunState:
+    """Where a fine-tune stands; saved in checkpoint_last.pth for an exact resume."""
+    epoch: int = 0              # epoch in progress
+    step: int = 0               # batches of `epoch` already trained
+    best_r_mean: float = -1.0
+    best_epoch: int = -1
+    best_test: dict = field(default_factory=dict)
+    train_meters: dict = field(default_factory=dict)  # running sums of the epoch in progress
+    steps_per_epoch: int = 0
+    rng: Optional[dict] = None  # this rank's RNG state to restore just before training (resume only)
+
+
+def rng_state() -> dict:
+    """This process's torch, CUDA, numpy and Python RNG states, as tensors and lists (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': _plain(random.getstate()),
+             'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])}}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state['numpy']
+    np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                         np_state['has_gauss'], np_state['cached_gaussian']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def save_last(path: str, model, optimizer, config: dict, state: RunState) -> None:
+    """checkpoint_last.pth for --resume: every rank's RNG state goes in (collective call)."""
+    rng_states = utils.all_gather_object(rng_state())
+    if utils.is_main_process():
+        atomic_torch_save({
+            'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': config,
+            'epoch': state.epoch, 'step': state.step, 'steps_per_epoch': state.steps_per_epoch,
+            'best_r_mean': state.best_r_mean, 'best_epoch': state.best_epoch, 'best_test': state.best_test,
+            'train_meters': state.train_meters, 'rng_states': rng_states, 'world_size': utils.get_world_size(),
+            # The data order is a function of these alone (sampler and augmentation are seeded per epoch).
+            'data_order': {'seed': config['seed'], 'epoch': state.epoch, 'start_batch': state.step,
+                           'batch_size_train': config['batch_size_train'], 'world_size': utils.get_world_size()},
+        }, path)
+        _logger.info('Saved %s (epoch %d, step %d)', path, state.epoch, state.step)
+
+
+def resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint --resume names, or None (no --resume, or 'auto' with nothing to resume yet)."""
+    if not resume:
+        return None
+    if resume == 'auto':
+        path = os.path.join(output_dir, LAST_CHECKPOINT)
+        if os.path.exists(path):
+            return path
+        _logger.info('--resume auto: no %s yet, starting from the beginning', path)
+        return None
+    if not os.path.isfile(resume):
+        raise SetupError(f'--resume {resume}: file not found; pass the {LAST_CHECKPOINT} of the run to continue, '
+                         f'or --resume auto for the one in --output_dir')
+    return resume
+
+
+def read_resume_checkpoint(path: str, allow_unsafe: bool) -> dict:
+    """Read (weights_only) and sanity-check a checkpoint_last.pth."""
+    checkpoint = read_checkpoint(path, allow_unsafe=allow_unsafe)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise SetupError(f'{path} is not a {LAST_CHECKPOINT} written by this script (it lacks {", ".join(missing)}); '
+                         'to fine-tune from its weights, set it as `pretrained` instead of --resume')
+    return checkpoint
+
+
+def adopt_resumed_config(config: dict, checkpoint: dict, path: str) -> None:
+    """Keep the checkpoint's data seed (the data order depends on it); warn about changed keys that change results.
+
+    Keys that change no number (RESULT_NEUTRAL_KEYS: logging, workers, evaluation batching...) get one info line.
+    """
+    saved = checkpoint['config']
+    if saved.get('seed') is not None and saved['seed'] != config['seed']:
+        utils.warn_once('Resuming with the checkpoint\'s seed %d (not %d): the data order depends on it',
+                  saved['seed'], config['seed'])
+        config['seed'] = saved['seed']
+    changed = sorted(k for k in config if k in saved and saved[k] != config[k])
+    describe = lambda keys: ', '.join(f'{k}: {saved[k]!r} -> {config[k]!r}' for k in keys)
+    neutral = [k for k in changed if k in RESULT_NEUTRAL_KEYS]
+    significant = [k for k in changed if k not in RESULT_NEUTRAL_KEYS]
+    if significant:
+        utils.warn_once('Resuming %s with config values that differ from the checkpoint\'s, so the run is not '
+                  'the one it would have been: %s', path, describe(significant))
+    if neutral and utils.is_main_process():
+        _logger.info('Resuming with other settings that change no result: %s', describe(neutral))
+
+
+def state_dict_mismatches(model: torch.nn.Module, state_dict: dict) -> list[str]:
+    """Every key that is missing, unexpected or of another shape, one line each."""
+    target = model.state_dict()
+    lines = [f'missing: {k}' for k in target if k not in state_dict]
+    lines += [f'unexpected: {k}' for k in state_dict if k not in target]
+    lines += [f'shape: {k}: {tuple(v.shape)} in the checkpoint, {tuple(target[k].shape)} in the model'
+              for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
+    return lines
+
+
+def load_resume_state(checkpoint: dict, path: str, model, optimizer, config: dict, rank: int,
+                      world_size: int) -> RunState:
+    """Put a checkpoint_last.pth into the model and optimizer and return where the run stands."""
+    mismatches = state_dict_mismatches(model, checkpoint['model'])
+    if mismatches:
+        shown = '\n'.join(f'  {line}' for line in mismatches[:40])
+        more = f'\n  ... and {len(mismatches) - 40} more' if len(mismatches) > 40 else ''
+        saved = checkpoint['config']
+        raise SetupError(f'{path} is of another architecture than this config builds ({len(mismatches)} keys differ):\n'
+                         f'{shown}{more}\nResume with the settings it was written with (vit={saved.get("vit")!r}, '
+                         f'embed_dim={saved.get("embed_dim")}, image_size={saved.get("image_size")}, '
+                         f'queue_size={saved.get("queue_size")}, med_config={saved.get("med_config")!r}) '
+                         'or start a new run in another --output_dir.')
+    model.load_state_dict(checkpoint['model'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as error:
+        raise SetupError(f'{path}: the optimizer state does not fit this model ({error}); resume with the config '
+                         'the checkpoint was written with') from None
+    state = RunState(epoch=checkpoint['epoch'], step=checkpoint['step'], best_r_mean=checkpoint['best_r_mean'],
+                     best_epoch=checkpoint['best_epoch'], best_test=checkpoint['best_test'],
+                     train_meters=checkpoint['train_meters'])
+    saved_world, saved_batch = checkpoint['world_size'], checkpoint['config']['batch_size_train']
+    if (saved_world, saved_batch) == (world_size, config['batch_size_train']):
+        state.rng = checkpoint['rng_states'][rank]
+    else:
+        # Same position in samples; with an unchanged global batch every global step sees the same
+        # samples as before (rank r takes every world_size-th index of the same permutation).
+        samples = state.step * saved_batch * saved_world
+        state.step = samples // (config['batch_size_train'] * world_size)
+        same_global = saved_batch * saved_world == config['batch_size_train'] * world_size
+        utils.warn_once(
+            'Resuming %d processes x batch %d from a checkpoint of %d x %d: weights, queues, optimizer, lr and '
+            'alpha carry over; %s; the per-rank loss split and the random draws differ, so the run is not '
+            'bit-identical', world_size, config['batch_size_train'], saved_world, saved_batch,
+            'every global step sees the same samples' if same_global else
+            f'the global batch changed, so the data order of the rest of epoch {state.epoch} differs')
+        # Fresh, reproducible random streams (the saved ones belong to other ranks).
+        seed = np.random.SeedSequence([config['seed'], rank, state.epoch, state.step]).generate_state(1)[0]
+        utils.seed_everything(int(seed))
+    _logger.info('Resuming from %s at epoch %d step %d (best val r_mean %.2f at epoch %d)', path, state.epoch,
+                 state.step, state.best_r_mean, state.best_epoch)
+    return state

@@ -1,0 +1,92 @@
+"""The output folder of a run: what is in it, whether a run may use it, and cleaning up after a hard kill."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import tempfile
+from typing import Optional
+
+from atomic import atomic_write_text
+from run.failures import SetupError
+
+_logger = logging.getLogger('train_retrieval')
+
+LAST_CHECKPOINT = 'checkpoint_last.pth'
+BEST_CHECKPOINT = 'checkpoint_best.pth'
+TRAIN_LOG = 'log.txt'
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOG)
+
+
+def check_output_dir(output_dir: str, resume: Optional[str], overwrite: bool) -> None:
+    """An output_dir that holds another run is only used to continue it (--resume) or replace it (--overwrite)."""
+    if resume and overwrite:
+        raise SetupError('--resume continues the run in output_dir and --overwrite deletes it: pass only one')
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+    if existing and not resume and not overwrite:
+        raise SetupError(f'{output_dir} already holds another run ({", ".join(existing)}); pass --resume auto to '
+                         'continue it, --overwrite to delete it and start afresh there, or choose another --output_dir')
+
+
+def check_writable(output_dir: str) -> None:
+    """Fail before any compute when output_dir cannot be written (read-only disk, no permission).
+
+    Probes the folder, or its nearest existing parent, with a temp file that is removed at once: nothing stays.
+    """
+    folder = os.path.abspath(output_dir)
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise SetupError(f'--output_dir {output_dir}: {folder} is a file, not a folder; choose another path')
+        folder = os.path.dirname(folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-probe-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise SetupError(f'--output_dir {output_dir} cannot be written ({error.strerror or error} in {folder}); '
+                         'point --output_dir at a writable disk') from None
+
+
+def trim_log(path: str, epoch: int) -> None:
+    """Keep the log records of epochs before `epoch`: a resumed run redoes the later ones (and drops a cut line)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith('\n') and isinstance(record, dict) and record.get('epoch', epoch) < epoch:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, ''.join(kept))
+        _logger.warning('%s: dropped %d record(s) of epoch %d on; the resumed run writes them again',
+                        path, len(lines) - len(kept), epoch)
+
+
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Temp files of writes that a hard kill interrupted (the files they were to replace are intact)."""
+    prefixes = ('.' + LAST_CHECKPOINT + '.', '.' + BEST_CHECKPOINT + '.', TRAIN_LOG + '.')
+    for name in os.listdir(output_dir):
+        if name.startswith(prefixes) and name.endswith('.tmp'):
+            os.remove(os.path.join(output_dir, name))
+            _logger.info('Removed the unfinished write %s', name)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments plus --resume auto (under the same launcher)."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ('--resume', '--overwrite'):
+            skip = arg == '--resume'
+        elif not arg.startswith('--resume='):
+            args.append(arg)
+    script = os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'train_retrieval.py'))
+    launcher = 'torchrun <the same options>' if 'TORCHELASTIC_RUN_ID' in os.environ else 'python'
+    return ' '.join([launcher, shlex.quote(script), *map(shlex.quote, args), '--resume', 'auto'])
