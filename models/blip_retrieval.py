@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import BertConfig
 
 import utils
-from models.checkpoint import load_pretrained
+from models.checkpoint import MOMENTUM_PAIRS, load_pretrained
 from models.losses import (distilled_targets, hard_negative_weights, itc_loss, itm_loss,
                            same_id_targets)
 from models.med import TextEncoder, load_med_config
@@ -29,10 +29,6 @@ _logger = logging.getLogger(__name__)
 # All ranks' copies of a per-rank training tensor: every rank trains on a batch of one shape, so the size
 # exchange (and its wait for the device) of the general gather is skipped.
 gather_batch = partial(utils.all_gather_cat, equal_sizes=True)
-
-# (online, momentum) module names; the momentum copies follow their online twins by EMA.
-MOMENTUM_PAIRS = (('visual_encoder', 'visual_encoder_m'), ('vision_proj', 'vision_proj_m'),
-                  ('text_encoder', 'text_encoder_m'), ('text_proj', 'text_proj_m'))
 
 
 @dataclass

@@ -27,6 +27,9 @@ OFFICIAL_CHECKPOINTS = {
                  'model_base_retrieval_coco', 'model_large_retrieval_coco')
 }
 
+# (online, momentum) module names; the momentum copies follow their online twins by EMA.
+MOMENTUM_PAIRS = (('visual_encoder', 'visual_encoder_m'), ('vision_proj', 'vision_proj_m'),
+                  ('text_encoder', 'text_encoder_m'), ('text_proj', 'text_proj_m'))
 QUEUE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'ptr_queue')
 POS_EMBED_KEYS = ('visual_encoder.pos_embed', 'visual_encoder_m.pos_embed')
 # Keys a checkpoint may lack or carry on purpose (pre-training checkpoints have a captioning decoder, no id

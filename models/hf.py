@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
-from models.checkpoint import (CheckpointError, LoadReport, adapt_state_dict, model_state_dict, read_checkpoint,
+from models.checkpoint import (MOMENTUM_PAIRS, CheckpointError, LoadReport, adapt_state_dict, model_state_dict, read_checkpoint,
                                sha256_of)
 
 _logger = logging.getLogger(__name__)
@@ -431,7 +431,6 @@ def hf_state_dict_to_blip(weights: Mapping[str, torch.Tensor], label: str
 def _fill_training_state(model: nn.Module, state_dict: dict, origin: dict,
                          training_state: Optional[Mapping[str, torch.Tensor]]) -> None:
     """Momentum encoders, queues and temp: from training_state.pth, else as BLIP_Retrieval's constructor makes them."""
-    from models.blip_retrieval import MOMENTUM_PAIRS
     if training_state is not None:
         for key, value in training_state.items():
             state_dict[key] = value
