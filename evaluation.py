@@ -26,7 +26,7 @@ import torch
 
 import utils
 from data.loaders import batches_of, create_eval_loader, shard_range
-from models.tokenizer import tokenize, with_enc_token
+from models.tokenizer import MAX_TEXT_LENGTH, tokenize, with_enc_token
 from run.progress import ProgressLogger
 
 _logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def pair_batch_for(device: torch.device, pair_batch: Optional[int] = None) -> in
 @torch.no_grad()
 def text_features(model, texts: list[str], device: torch.device, autocast: Callable = None, cls_only: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(text_feat (T, E), matching ids with [ENC] (T, 35), attention mask (T, 35)) for all texts.
+    """(text_feat (T, E), matching ids with [ENC] (T, MAX_TEXT_LENGTH), attention mask (T, MAX_TEXT_LENGTH)) for all texts.
 
     Each rank encodes an equal shard; the results are gathered on every rank. `cls_only=False`: the original's
     full last layer (see `BLIP_Retrieval.encode_text`).
@@ -60,15 +60,15 @@ def text_features(model, texts: list[str], device: torch.device, autocast: Calla
     feats, ids, masks = [], [], []
     for i in range(start, end, TEXT_BATCH):
         input_ids, mask = tokenize(model.tokenizer, texts[i:min(end, i + TEXT_BATCH)], device)
-        with _autocast(autocast):
+        with utils.autocast_context(autocast):
             feats.append(model.encode_text(input_ids, mask, cls_only=cls_only).float())
         ids.append(with_enc_token(input_ids, model.enc_token_id))
         masks.append(mask)
     embed_dim = model.text_proj.out_features
     cat = lambda xs, shape, dtype: torch.cat(xs) if xs else torch.zeros(shape, dtype=dtype, device=device)
     return (utils.all_gather_cat(cat(feats, (0, embed_dim), torch.float32)),
-            utils.all_gather_cat(cat(ids, (0, 35), torch.long)),
-            utils.all_gather_cat(cat(masks, (0, 35), torch.long)))
+            utils.all_gather_cat(cat(ids, (0, MAX_TEXT_LENGTH), torch.long)),
+            utils.all_gather_cat(cat(masks, (0, MAX_TEXT_LENGTH), torch.long)))
 
 
 @torch.no_grad()
@@ -81,12 +81,12 @@ def image_features(model, loader: Iterable, device: torch.device, autocast: Call
     bit-identical while every GPU holds (and the gather moves) half the bytes (COCO's 5,000 test images x 577
     tokens x 768 values: 4.4 instead of 8.9 GB).
     """
-    with _autocast(autocast):
+    with utils.autocast_context(autocast):
         tokens_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     embeds, feats = [], []
     with batches_of(loader) as batches:
         for image, _ in batches:
-            with _autocast(autocast):
+            with utils.autocast_context(autocast):
                 image_embeds, image_feat = model.encode_image(image.to(device, non_blocking=True))
             embeds.append(image_embeds.to(tokens_dtype or image_embeds.dtype))
             feats.append(image_feat.float())
@@ -99,10 +99,6 @@ def image_features(model, loader: Iterable, device: torch.device, autocast: Call
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _autocast(autocast: Optional[Callable]):
-    return autocast() if autocast is not None else torch.autocast('cpu', enabled=False)
-
-
 @torch.no_grad()
 def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask, k_test: int,
                      autocast: Callable = None, log_every: int = 50, query_fraction: float = 1.0
@@ -122,7 +118,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
     progress = ProgressLogger(end - start, 'Evaluation i2t (reference)', log_every)
     for i in progress.iter(range(start, end)):
         top_sim, top_idx = sims[i].topk(k_i2t)
-        with _autocast(autocast):
+        with utils.autocast_context(autocast):
             # A contiguous copy per query, as the original: every layer's key/value projection is then one addmm
             # (an expanded view would be copied again in each of them).
             logits = model.match_logits(text_ids[top_idx], text_mask[top_idx],
@@ -133,7 +129,7 @@ def reference_scores(model, image_embeds, image_feat, text_feat, text_ids, text_
     progress = ProgressLogger(end - start, 'Evaluation t2i (reference)', log_every)
     for j in progress.iter(range(start, end)):
         top_sim, top_idx = sims[:, j].topk(k_t2i)
-        with _autocast(autocast):
+        with utils.autocast_context(autocast):
             logits = model.match_logits(text_ids[j:j + 1].expand(k_t2i, -1), text_mask[j:j + 1].expand(k_t2i, -1),
                                         image_embeds=image_embeds[top_idx], cls_only=False)
         t2i[j, top_idx] = logits[:, 1].float() + top_sim
@@ -312,11 +308,11 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
     progress = ProgressLogger(len(plan.blocks), 'Evaluation pairs (fast)', log_every)
     began = time.time()
     for block in progress.iter(plan.blocks):
-        with _autocast(autocast):
+        with utils.autocast_context(autocast):
             kv = model.image_kv(image_embeds[block_images[block.images]])
         for batch in block.batches:
             texts, kv_index = slot_texts[batch.slots], chunk_image[batch.chunks]
-            with _autocast(autocast):
+            with utils.autocast_context(autocast):
                 logits = model.match_logits(text_ids[texts, :batch.length], text_mask[texts, :batch.length],
                                             image_kv=[(k[kv_index], v[kv_index]) for k, v in kv])
             slot_logits[batch.slots] = logits[:, 1].float()

@@ -16,7 +16,6 @@ k_test keep their ITC order, with score and itm null.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from data.image_folder import ImageFileDataset, open_rgb, scan_images
 from models import model_from_config
 from models.checkpoint import CheckpointError, fetch_checkpoint
 from models.tokenizer import TokenizerError
-from report import html
+import report.html as html
 from report.files import npz_bytes
 from report.html import Hit
 from report.thumbs import write_thumbnails
@@ -51,7 +50,6 @@ _logger = logging.getLogger('search')
 
 INDEX_SUFFIX = '.blip_index.npz'
 INDEX_VERSION = 1
-EXIT_USER_ERROR = 2
 # Image tokens kept between queries for the re-rank (each image's are needed by every query that ranks it).
 EMBED_CACHE_IMAGES = 1024
 
@@ -111,10 +109,6 @@ def checkpoint_identity(config: dict) -> str:
                                               ('vit', 'image_size', 'embed_dim', 'precision')}}, sort_keys=True)
 
 
-def autocast_context(autocast: Optional[Callable]):
-    return autocast() if autocast is not None else contextlib.nullcontext()
-
-
 class ImageEncoder:
     """Batches of the folder's images through `model.encode_image` (the eval transform, as evaluation)."""
 
@@ -137,7 +131,7 @@ class ImageEncoder:
                 unreadable.update((dataset.relative_paths[int(positions[i])], problem)
                                   for i, problem in enumerate(problems) if problem)
                 if ok:
-                    with autocast_context(self.autocast):
+                    with utils.autocast_context(self.autocast):
                         embeds, feats = self.model.encode_image(images[ok].to(self.device))
                     yield positions[ok].tolist(), embeds, feats.float()
                 progress.update(len(problems))
@@ -269,7 +263,7 @@ def search_captions(model, encoder: ImageEncoder, image_path: str, captions: lis
         image = encoder.transform(open_rgb(image_path)).unsqueeze(0).to(device)
     except (OSError, ValueError) as error:
         raise SearchError(f'--image {image_path}: cannot read it as an image ({error})') from None
-    with torch.no_grad(), autocast_context(autocast):
+    with torch.no_grad(), utils.autocast_context(autocast):
         image_embeds, image_feat = model.encode_image(image)
     image_feat = image_feat.float()
     cleaned = [pre_caption(c, config['max_words']) for c in captions]
@@ -407,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f'html: {args.html}')
     except (SearchError, ConfigError, DataError, CheckpointError, TokenizerError) as error:
         print(f'error: {error}', file=sys.stderr)
-        return EXIT_USER_ERROR
+        return utils.EXIT_USER_ERROR
     finally:
         for name, level in quiet.items():
             logging.getLogger(name).setLevel(level)

@@ -50,7 +50,6 @@ Test hooks (environment variables, used by tests/test_resume.py and tests/test_f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -66,7 +65,8 @@ from data import (DataError, check_images, create_datasets, create_train_loader,
 from data.loaders import batches_of, default_num_workers, worker_error_message
 from evaluation import chance_recall, evaluate_split, format_recall
 from models import model_from_config
-from models.checkpoint import CheckpointError
+from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, RUN_CONFIG, TENSORBOARD_DIR, TRAIN_LOG,
+                               CheckpointError)
 from models.tokenizer import TokenizerError
 from report import REPORT_DIR, write_evaluation_report
 from atomic import DiskWriteError, append_json, atomic_torch_save
@@ -74,8 +74,8 @@ from run.checkpoints import (RunState, adopt_resumed_config, load_resume_state, 
                              save_last, set_rng_state)
 from run.failures import SetupError, fail, start_failure_watch, stop_failure_watch
 from run.hooks import (STEP_TRACE_ENV, InjectedFailure, StepTrace, failure_from_env, stop_after_steps_from_env)
-from run.output import (BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_FILES, TRAIN_LOG, check_output_dir, check_writable,
-                        remove_stale_temp_files, resume_command, trim_log)
+from run.output import (RUN_FILES, check_output_dir, check_writable, remove_stale_temp_files, resume_command,
+                        trim_log)
 from run.progress import ProgressLogger
 from run.stops import StopRequest, agree
 from run.tensorboard import TensorboardWriter
@@ -233,7 +233,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: Ru
             image, idx = image.to(device, non_blocking=True), idx.to(device, non_blocking=True)
             alpha = utils.ramp_alpha(config['alpha'], epoch, step, steps_per_epoch)
             tokens = raw_model.tokenize(caption)
-            with (autocast() if autocast else contextlib.nullcontext()):
+            with utils.autocast_context(autocast):
                 loss_ita, loss_itm = model(image, tokens, alpha=alpha, idx=idx)
             loss = loss_ita + loss_itm
             optimizer.zero_grad(set_to_none=True)
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
                 if os.path.exists(os.path.join(args.output_dir, name)):
                     os.remove(os.path.join(args.output_dir, name))
                     _logger.warning('--overwrite: deleted %s', os.path.join(args.output_dir, name))
-        save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+        save_config(config, os.path.join(args.output_dir, RUN_CONFIG))
 
     if args.evaluate:
         return run_evaluation(model, datasets, config, device, autocast, args.output_dir)
@@ -401,14 +401,14 @@ def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -
                for split in ('val', 'test')}
     if utils.is_main_process():
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
-        append_json(os.path.join(output_dir, 'evaluate.txt'), record)
+        append_json(os.path.join(output_dir, EVALUATE_LOG), record)
         summary = [f'Evaluated {config["pretrained"] or "random weights"}']
         for split in ('val', 'test'):
             dataset = datasets[split]
             chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']
             summary.append(f'  {split:<4} {format_recall(results[split])}  (chance r_mean {chance:.2f}; '
                            f'{len(dataset)} images, {len(dataset.text)} texts)')
-        summary.append(f'  written to {os.path.join(output_dir, "evaluate.txt")}')
+        summary.append(f'  written to {os.path.join(output_dir, EVALUATE_LOG)}')
         print('\n'.join(summary), flush=True)
         write_report(output_dir, kept, datasets, config)
     return 0
@@ -450,7 +450,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
             model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     resumed_at = state.epoch * state.steps_per_epoch + state.step
     # A resumed run redoes the steps after its checkpoint: their earlier TensorBoard points are purged.
-    writer = TensorboardWriter(os.path.join(output_dir, 'tensorboard')
+    writer = TensorboardWriter(os.path.join(output_dir, TENSORBOARD_DIR)
                                      if config['tensorboard'] and utils.is_main_process() else None,
                                      purge_step=resumed_at or None)
     trace = StepTrace(os.environ.get(STEP_TRACE_ENV), rank)
@@ -540,7 +540,7 @@ def training_summary(state: RunState, datasets: dict, output_dir: str, report_pa
             lines.append(f'  {split:<4} {format_recall(metrics)}  (chance r_mean {chance:.2f})')
     lines.append(f'  checkpoint: {os.path.join(output_dir, BEST_CHECKPOINT)}')
     lines.append(f'  log: {log} (one line per epoch), TensorBoard: tensorboard --logdir '
-                 f'{os.path.join(output_dir, "tensorboard")}')
+                 f'{os.path.join(output_dir, TENSORBOARD_DIR)}')
     if report_path:  # last, where the eye lands: the page to open
         lines.append(f'  report of the best epoch ({state.best_epoch}): {report_path}')
     return '\n'.join(lines)

@@ -6,6 +6,7 @@ helper works without a process group (rank 0, world size 1, collectives are no-o
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -437,3 +438,8 @@ def configure_precision(precision: str, device: torch.device):
         return None
     device_type = device.type
     return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def autocast_context(autocast: Callable | None):
+    """The context of `configure_precision`'s factory (bf16 autocast), or one that changes nothing (None)."""
+    return autocast() if autocast is not None else contextlib.nullcontext()

@@ -31,7 +31,7 @@ def features(model, images, text_ids, text_mask, autocast, image_batch: int):
     device = text_ids.device
     batches = [(images[i:i + image_batch], None) for i in range(0, images.shape[0], image_batch)]
     image_embeds, image_feat = evaluation.image_features(model, batches, device, autocast)
-    with evaluation._autocast(autocast):
+    with utils.autocast_context(autocast):
         step = evaluation.TEXT_BATCH
         text_feat = torch.cat([model.encode_text(text_ids[i:i + step], text_mask[i:i + step]).float()
                                for i in range(0, text_ids.shape[0], step)])

@@ -16,9 +16,10 @@ import http.client
 import json
 import logging
 import os
-import tempfile
 import urllib.request
 from typing import Any, Iterable
+
+from atomic import atomic_file
 
 _logger = logging.getLogger(__name__)
 
@@ -65,20 +66,12 @@ def _download_file(url: str, dest: str) -> None:
     """Download ``url`` to ``dest`` atomically (temp file in the same folder, then ``os.replace``)."""
     from tqdm import tqdm  # only needed when something is actually downloaded
 
-    folder = os.path.dirname(os.path.abspath(dest))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as progress:
-                while chunk := response.read(_CHUNK_BYTES):
-                    out.write(chunk)
-                    progress.update(len(chunk))
-        os.replace(tmp_path, dest)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_file(dest) as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as progress:
+            while chunk := response.read(_CHUNK_BYTES):
+                out.write(chunk)
+                progress.update(len(chunk))
 
 
 def _missing_files_message(ann_root: str, dataset: str, missing: dict[str, str]) -> str:

@@ -35,6 +35,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from atomic import atomic_write_text
+
 _logger = logging.getLogger(__name__)
 
 # Bump whenever the generated content changes, so stale caches are regenerated.
@@ -288,16 +290,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(json.dumps(data, indent=1) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; keep the cache readable like the other files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _generate_into(folder: Path, params: dict[str, int]) -> dict[str, int]:

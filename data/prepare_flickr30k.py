@@ -37,6 +37,7 @@ from typing import Iterable
 from PIL import Image
 from tqdm import tqdm
 
+from atomic import atomic_file, atomic_write_text
 from data.annotations import DataError, annotation_file, annotation_url, ensure_annotations, load_annotation
 from data.retrieval_dataset import ImagePathResolver
 
@@ -209,11 +210,11 @@ def _extract_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Pat
     if target.is_file() and target.stat().st_size == info.file_size:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    # zipfile checks the CRC at the end of the stream, so a bad member raises here.
-    with archive.open(info) as src, open(partial, "wb") as dst:
+    # zipfile checks the CRC at the end of the stream, so a bad member raises here. A crash never leaves a
+    # truncated file under the final name; the next run overwrites the fixed temp name and checks the sizes.
+    with archive.open(info) as src, atomic_file(target, temp=target.with_name(f".{target.name}.partial"),
+                                                durable=False) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(partial, target)  # a crash never leaves a truncated file under the final name
     return True
 
 
@@ -454,9 +455,7 @@ def write_annotations(records: dict[str, list[dict]], ann_root: Path) -> None:
     ann_root.mkdir(parents=True, exist_ok=True)
     for split, split_records in records.items():
         path = annotation_path(ann_root, split)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(split_records), encoding="utf-8")
-        os.replace(partial, path)
+        atomic_write_text(path, json.dumps(split_records))
         _logger.info("wrote %s (%d records)", path, len(split_records))
 
 
@@ -575,9 +574,7 @@ def update_config(config_path: Path, values: dict[str, str]) -> None:
             if lines and not lines[-1].endswith("\n"):
                 lines[-1] += "\n"
             lines.append(f"{key}: {value}\n")
-    partial = config_path.with_name(f".{config_path.name}.partial")
-    partial.write_text("".join(lines), encoding="utf-8")
-    os.replace(partial, config_path)
+    atomic_write_text(config_path, "".join(lines))
 
 
 # --------------------------------------------------------------------------- CLI

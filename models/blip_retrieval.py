@@ -17,6 +17,7 @@ from transformers import BertConfig
 
 import utils
 from models.checkpoint import MOMENTUM_PAIRS, load_pretrained
+from models.hf import is_hf_source, load_hf_pretrained
 from models.losses import (distilled_targets, hard_negative_weights, itc_loss, itm_loss,
                            same_id_targets)
 from models.med import TextEncoder, load_med_config
@@ -319,5 +320,7 @@ def blip_retrieval(pretrained: str = '', **kwargs) -> BLIP_Retrieval:
     allow_unsafe = kwargs.pop('allow_unsafe_checkpoint', False)
     model = BLIP_Retrieval(**kwargs)
     if pretrained:
-        model.load_report = load_pretrained(model, pretrained, sha256=sha256, allow_unsafe=allow_unsafe)
+        # A Hugging Face Hub id (`owner/name[@revision]`) or save_pretrained folder, else a .pth path or URL.
+        load = load_hf_pretrained if is_hf_source(pretrained) else load_pretrained
+        model.load_report = load(model, pretrained, sha256=sha256, allow_unsafe=allow_unsafe)
     return model

@@ -1,6 +1,7 @@
-"""Reading official BLIP checkpoints (URL or path) safely and loading them with a key-by-key report.
+"""Reading official BLIP checkpoints (URL or path) safely and loading them with a key-by-key report; the layout
+constants of the state dict (momentum pairs, queues) and the file names of a run folder.
 
-Hugging Face folders and Hub ids are read by models.hf, which `load_pretrained` hands them to.
+Hugging Face folders and Hub ids are read by models.hf; models.blip_retrieval picks the loader for `pretrained`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ OFFICIAL_CHECKPOINTS = {
 MOMENTUM_PAIRS = (('visual_encoder', 'visual_encoder_m'), ('vision_proj', 'vision_proj_m'),
                   ('text_encoder', 'text_encoder_m'), ('text_proj', 'text_proj_m'))
 QUEUE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'ptr_queue')
+# What a run folder holds (run.output writes them; models.hf_export reads the recall back for the model card).
+LAST_CHECKPOINT = 'checkpoint_last.pth'
+BEST_CHECKPOINT = 'checkpoint_best.pth'
+TRAIN_LOG = 'log.txt'
+EVALUATE_LOG = 'evaluate.txt'
+RUN_CONFIG = 'config.yaml'
+TENSORBOARD_DIR = 'tensorboard'
 POS_EMBED_KEYS = ('visual_encoder.pos_embed', 'visual_encoder_m.pos_embed')
 # Keys a checkpoint may lack or carry on purpose (pre-training checkpoints have a captioning decoder, no id
 # queue, and name their queue pointer `queue_ptr`; newer transformers stopped saving position_ids).
@@ -89,11 +97,16 @@ def fetch_checkpoint(url_or_path: str, sha256: str | None = None) -> str:
         if not os.path.isfile(path):
             raise CheckpointError(f'checkpoint file not found: {path} (set `pretrained` to an existing file or URL)')
     if sha256:
-        actual = sha256_of(path)
-        if actual.lower() != sha256.lower():
-            raise CheckpointError(f'sha256 of {path} is {actual}, expected {sha256}: the file is corrupt or not '
-                                  'the one the config names; delete it and download again')
+        verify_sha256(path, sha256)
     return path
+
+
+def verify_sha256(path: str, expected: str) -> None:
+    """Stop unless the file's sha256 is `expected` (the config's `sha256`)."""
+    actual = sha256_of(path)
+    if actual.lower() != expected.lower():
+        raise CheckpointError(f'sha256 of {path} is {actual}, expected {expected}: the file is corrupt or not '
+                              'the one the config names; delete it and download again')
 
 
 def _not_a_torch_file(path: str) -> str | None:
@@ -160,30 +173,47 @@ def model_state_dict(checkpoint: dict, source: str = 'checkpoint') -> dict[str, 
     return state_dict
 
 
+def compare_keys(target: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]
+                 ) -> tuple[list[str], list[str], list[str]]:
+    """`state_dict` against the model's `target`: (missing keys, unexpected keys, keys of another shape)."""
+    missing = [key for key in target if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in target]
+    other_shape = [key for key, value in state_dict.items() if key in target and value.shape != target[key].shape]
+    return missing, unexpected, other_shape
+
+
 def adapt_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict, LoadReport]:
     """Match a checkpoint's state_dict to the model, classifying every difference."""
     report = LoadReport()
     target = model.state_dict()
-    adapted = {}
-    for key, value in state_dict.items():
-        if key not in target:
-            (report.expected_unexpected if EXPECTED_UNEXPECTED.match(key) else report.unexpected).append(key)
-            continue
-        if key in POS_EMBED_KEYS and value.shape != target[key].shape and value.shape[-1] == target[key].shape[-1]:
-            num_patches = target[key].shape[1] - 1
-            value = resize_pos_embed(value, num_patches)
+    missing, unexpected, other_shape = compare_keys(target, state_dict)
+    for key in unexpected:
+        (report.expected_unexpected if EXPECTED_UNEXPECTED.match(key) else report.unexpected).append(key)
+    for key in missing:
+        (report.expected_missing if EXPECTED_MISSING.match(key) else report.missing).append(key)
+    adapted = {key: value for key, value in state_dict.items() if key in target and key not in other_shape}
+    for key in other_shape:
+        value = state_dict[key]
+        if key in POS_EMBED_KEYS and value.shape[-1] == target[key].shape[-1]:
+            value = resize_pos_embed(value, target[key].shape[1] - 1)
             report.resized.append(f'{key}: {tuple(state_dict[key].shape)} -> {tuple(value.shape)}')
-        if value.shape != target[key].shape:
-            if key in QUEUE_KEYS:  # another queue_size: keep the model's freshly initialised queue
-                report.skipped_queue.append(f'{key}: {tuple(value.shape)} -> {tuple(target[key].shape)}')
-            else:
-                report.mismatched.append(f'{key}: {tuple(value.shape)} -> {tuple(target[key].shape)}')
-            continue
-        adapted[key] = value
-    for key in target:
-        if key not in state_dict:
-            (report.expected_missing if EXPECTED_MISSING.match(key) else report.missing).append(key)
+        if value.shape == target[key].shape:
+            adapted[key] = value
+        elif key in QUEUE_KEYS:  # another queue_size: keep the model's freshly initialised queue
+            report.skipped_queue.append(f'{key}: {tuple(value.shape)} -> {tuple(target[key].shape)}')
+        else:
+            report.mismatched.append(f'{key}: {tuple(value.shape)} -> {tuple(target[key].shape)}')
     return adapted, report
+
+
+def raise_unless_fits(report: LoadReport, source: str, hint: str = '') -> None:
+    """A CheckpointError listing every missing and every shape-mismatched key (40 at most), if there are any."""
+    if not (report.missing or report.mismatched):
+        return
+    lines = [f'  missing: {k}' for k in report.missing] + [f'  shape: {k}' for k in report.mismatched]
+    shown = '\n'.join(lines[:40]) + (f'\n  ... and {len(lines) - 40} more' if len(lines) > 40 else '')
+    raise CheckpointError(f'{source} does not fit this model ({len(report.missing)} missing, {len(report.mismatched)} '
+                          f'of another shape):\n{shown}' + (f'\n{hint}' if hint else ''))
 
 
 def _log_report(report: LoadReport, source: str) -> None:
@@ -209,19 +239,10 @@ def load_pretrained(model: nn.Module, url_or_path: str, sha256: str | None = Non
 
     Missing or shape-mismatched weights are an error that lists every key: they mean the checkpoint is
     of another architecture (e.g. ViT-L weights with `vit: base`, or another med_config).
-    A Hugging Face Hub id (`owner/name[@revision]`) or save_pretrained folder goes through models.hf.
     """
-    from models import hf  # imported here: models.hf builds on this module
-    if hf.is_hf_source(url_or_path):
-        return hf.load_hf_pretrained(model, url_or_path, sha256=sha256, allow_unsafe=allow_unsafe)
     checkpoint = read_checkpoint(url_or_path, sha256, allow_unsafe)
     state_dict, report = adapt_state_dict(model, model_state_dict(checkpoint, url_or_path))
-    if report.missing or report.mismatched:
-        lines = [f'  missing: {k}' for k in report.missing] + [f'  shape: {k}' for k in report.mismatched]
-        shown = '\n'.join(lines[:40]) + (f'\n  ... and {len(lines) - 40} more' if len(lines) > 40 else '')
-        raise CheckpointError(
-            f'{url_or_path} does not fit this model ({len(report.missing)} missing, {len(report.mismatched)} '
-            f'of another shape):\n{shown}\nCheck `vit` (base/large), `med_config`, `embed_dim` and `image_size`.')
+    raise_unless_fits(report, url_or_path, 'Check `vit` (base/large), `med_config`, `embed_dim` and `image_size`.')
     model.load_state_dict(state_dict, strict=False)  # every omission was classified above
     _log_report(report, url_or_path)
     _logger.info('Loaded %s (%d tensors)', url_or_path, len(state_dict))

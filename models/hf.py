@@ -22,9 +22,17 @@ from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                   RevisionNotFoundError)
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors_file
+from transformers import BlipConfig
 
-from models.checkpoint import (MOMENTUM_PAIRS, CheckpointError, LoadReport, adapt_state_dict, model_state_dict, read_checkpoint,
-                               sha256_of)
+from models.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, MOMENTUM_PAIRS, QUEUE_KEYS, CheckpointError,
+                               LoadReport, adapt_state_dict, model_state_dict, raise_unless_fits, read_checkpoint,
+                               verify_sha256)
 
 _logger = logging.getLogger(__name__)
 
@@ -59,8 +67,8 @@ _OURS_BLOCK = re.compile(r'^visual_encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)$'
 _HF_BLOCK = re.compile(r'^vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$')
 _SAME_NAME_PREFIXES = ('text_encoder.', 'vision_proj.', 'text_proj.', 'itm_head.')
 # Keys that HF's BlipForImageTextRetrieval has no place for (they go to training_state.pth).
-MOMENTUM_PREFIXES = ('visual_encoder_m.', 'vision_proj_m.', 'text_encoder_m.', 'text_proj_m.')
-TRAINING_STATE_KEYS = ('image_queue', 'text_queue', 'idx_queue', 'ptr_queue', 'temp')
+MOMENTUM_PREFIXES = tuple(momentum + '.' for _, momentum in MOMENTUM_PAIRS)
+TRAINING_STATE_KEYS = QUEUE_KEYS + ('temp',)
 
 
 # ---------------------------------------------------------------------------------------------- key names
@@ -136,10 +144,6 @@ def _weight_files(folder: str) -> list[str]:
 def download_hub_model(repo_id: str, revision: Optional[str] = None) -> str:
     """Snapshot of the files an import needs, in huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT
     are huggingface_hub's own settings); any failure becomes one message that says how to bring the files."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import constants as hub_constants
-    from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
     name = repo_id + (f'@{revision}' if revision else '')
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
@@ -174,7 +178,7 @@ def download_hub_model(repo_id: str, revision: Optional[str] = None) -> str:
 class HFCheckpoint:
     """What a save_pretrained folder holds, read without pickle where possible."""
     folder: str
-    config: 'transformers.BlipConfig'  # noqa: F821 (imported lazily)
+    config: BlipConfig
     weights: dict[str, torch.Tensor]
     weight_files: list[str]
     training_state: Optional[dict[str, torch.Tensor]] = None
@@ -182,10 +186,9 @@ class HFCheckpoint:
 
 def read_hf_config(folder: str):
     """config.json as transformers' BlipConfig: missing values get HF's defaults, as transformers would load them."""
-    from transformers import BlipConfig
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
-        ours = [name for name in ('checkpoint_best.pth', 'checkpoint_last.pth')
+        ours = [name for name in (BEST_CHECKPOINT, LAST_CHECKPOINT)
                 if os.path.isfile(os.path.join(folder, name))]
         hint = f'; for a training run, set `pretrained` to {os.path.join(folder, ours[0])}' if ours else ''
         raise CheckpointError(
@@ -207,10 +210,8 @@ def read_hf_config(folder: str):
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     try:
-        return load_file(path, device='cpu')
+        return load_safetensors_file(path, device='cpu')
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f'{path} is not a readable safetensors file ({error}); it may be truncated: '
                               'download or copy it again') from None
@@ -248,10 +249,7 @@ def read_hf_folder(folder: str, sha256: Optional[str] = None, allow_unsafe: bool
         if first.endswith('.index.json'):
             raise CheckpointError(f'`sha256` verifies one weights file, but {folder} is sharded ({first}); '
                                   'remove `sha256` from the config')
-        actual = sha256_of(os.path.join(folder, first))
-        if actual.lower() != sha256.lower():
-            raise CheckpointError(f'sha256 of {os.path.join(folder, first)} is {actual}, expected {sha256}: the file '
-                                  'is corrupt or not the one the config names; download it again')
+        verify_sha256(os.path.join(folder, first), sha256)
     if first == SAFETENSORS_NAME:
         weights = _load_safetensors(os.path.join(folder, first))
     elif first == SAFETENSORS_INDEX_NAME:
@@ -444,7 +442,7 @@ def _fill_training_state(model: nn.Module, state_dict: dict, origin: dict,
     if 'temp' not in state_dict:
         state_dict['temp'] = model.temp.detach().clone()
         origin['temp'] = f'initialised ({model.temp.item():g})'
-    for key in ('image_queue', 'text_queue', 'idx_queue', 'ptr_queue'):
+    for key in QUEUE_KEYS:
         origin.setdefault(key, 'initialised (fresh queue)')
     for key in model.state_dict():
         if key.endswith('embeddings.position_ids'):
@@ -476,9 +474,7 @@ def load_hf_checkpoint(model: nn.Module, checkpoint: HFCheckpoint, name: str) ->
     report = HFLoadReport(**vars(base), folder=checkpoint.folder, weight_files=checkpoint.weight_files,
                           origin=origin, config_warnings=contradictions)
     report.unexpected = unused + report.unexpected
-    if report.missing or report.mismatched:
-        lines = [f'  missing: {k}' for k in report.missing] + [f'  shape: {k}' for k in report.mismatched]
-        raise CheckpointError(f'{name} does not fit this model:\n' + '\n'.join(lines[:40]))
+    raise_unless_fits(report, name)
     for line in report.skipped_queue:
         origin[line.split(':', 1)[0]] = f'initialised (fresh queue: {TRAINING_STATE_NAME} holds another queue_size)'
     model.load_state_dict(adapted, strict=False)  # every omission was classified above
@@ -501,7 +497,6 @@ def load_hf_checkpoint(model: nn.Module, checkpoint: HFCheckpoint, name: str) ->
 # ---------------------------------------------------------------------------------------------- export
 def hf_config_for(model: nn.Module):
     """transformers' BlipConfig of `model`, with BLIP's values (eps 1e-6, the real head counts, is_decoder)."""
-    from transformers import BlipConfig
     shapes = BlipShapes.of(model.state_dict(), 'the model')
     block = model.visual_encoder.blocks[0]
     text = model.text_encoder.config

@@ -23,19 +23,23 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
+from safetensors.torch import save_file
+from transformers import BlipImageProcessor
+from transformers.image_utils import PILImageResampling
 
+from atomic import atomic_folder
 from config import DEFAULTS, REPO_ROOT, ConfigError, apply_overrides, load_config
 from models import hf
 from models.blip_retrieval import BLIP_Retrieval, blip_retrieval
-from models.checkpoint import CheckpointError, model_state_dict, read_checkpoint
+from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, TRAIN_LOG, CheckpointError,
+                               model_state_dict, read_checkpoint)
 from models.tokenizer import MAX_TEXT_LENGTH
+from transform import NORMALIZE_MEAN, NORMALIZE_STD
+from utils import EXIT_USER_ERROR
 
 _logger = logging.getLogger('models.hf_export')
 
@@ -172,31 +176,6 @@ def export_settings(source: str, config_path: Optional[str], options: list[str]
 
 
 # ---------------------------------------------------------------------------------------------- the folder
-@contextmanager
-def atomic_folder(out_dir: str, overwrite: bool) -> Iterator[str]:
-    """A temp folder beside `out_dir`, renamed to `out_dir` when the block succeeds, deleted when it fails."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', suffix='.tmp', dir=parent)
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(out_dir) and os.listdir(out_dir):
-            if not overwrite:
-                raise CheckpointError(f'{out_dir} is not empty: pass --overwrite to replace it')
-            old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', suffix='.old', dir=parent)
-            os.replace(out_dir, old)
-        elif os.path.exists(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_tokenizer(tokenizer, folder: str, max_length: int) -> None:
     """tokenizer.json / tokenizer_config.json with `[DEC]` (bos) and `[ENC]` as added tokens, plus vocab.txt."""
     saved_max_length = tokenizer.model_max_length
@@ -214,10 +193,6 @@ def write_tokenizer(tokenizer, folder: str, max_length: int) -> None:
 
 def write_image_processor(folder: str, image_size: int) -> None:
     """preprocessor_config.json of our evaluation transform: bicubic resize to a square, /255, CLIP mean/std."""
-    from transformers import BlipImageProcessor
-    from transformers.image_utils import PILImageResampling
-
-    from transform import NORMALIZE_MEAN, NORMALIZE_STD
     BlipImageProcessor(size={'height': image_size, 'width': image_size}, resample=PILImageResampling.BICUBIC,
                        do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                        image_mean=list(NORMALIZE_MEAN), image_std=list(NORMALIZE_STD),
@@ -226,7 +201,6 @@ def write_image_processor(folder: str, image_size: int) -> None:
 
 def write_hf_folder(model: BLIP_Retrieval, folder: str, with_training_state: bool, model_card: str) -> list[str]:
     """Every file of the export into `folder` (an empty temp folder); returns their names."""
-    from safetensors.torch import save_file
     weights, training_state = hf.to_hf_state_dict(model.state_dict())
     config = hf.hf_config_for(model)
     config.to_json_file(os.path.join(folder, hf.CONFIG_NAME), use_diff=False)  # every value, defaults included
@@ -249,22 +223,22 @@ def find_results(source: str) -> Optional[tuple[dict, str]]:
     if not os.path.isfile(source):
         return None
     directory, name = os.path.split(os.path.abspath(source))
-    log_path, eval_path = os.path.join(directory, 'log.txt'), os.path.join(directory, 'evaluate.txt')
+    log_path, eval_path = os.path.join(directory, TRAIN_LOG), os.path.join(directory, EVALUATE_LOG)
     try:
-        if name in ('checkpoint_best.pth', 'checkpoint_last.pth') and os.path.isfile(log_path):
+        if name in (BEST_CHECKPOINT, LAST_CHECKPOINT) and os.path.isfile(log_path):
             with open(log_path) as f:
                 records = [json.loads(line) for line in f if line.strip()]
             last = records[-1]
-            if name == 'checkpoint_best.pth':
+            if name == BEST_CHECKPOINT:
                 record = next(r for r in records if r.get('epoch') == last['best_epoch'])
-                return record, f'log.txt, best epoch {record["epoch"]}'
+                return record, f'{TRAIN_LOG}, best epoch {record["epoch"]}'
             keep_test = last.get('best_epoch') == last.get('epoch')  # log.txt's test_* are the best epoch's
             return ({k: v for k, v in last.items() if keep_test or not k.startswith('test_')},
-                    f'log.txt, last epoch {last.get("epoch")}')
+                    f'{TRAIN_LOG}, last epoch {last.get("epoch")}')
         if os.path.isfile(eval_path):
             with open(eval_path) as f:
                 lines = [line for line in f if line.strip()]
-            return json.loads(lines[-1]), 'evaluate.txt'
+            return json.loads(lines[-1]), EVALUATE_LOG
     except (OSError, ValueError, KeyError, IndexError, StopIteration) as error:
         _logger.warning('could not read the recall next to %s (%s); the model card will have none', source, error)
     return None
@@ -362,8 +336,11 @@ def export(source: str, out_dir: str, with_training_state: bool = False, config_
     model = blip_retrieval(load_from, sha256=settings['sha256'],
                            allow_unsafe_checkpoint=settings['allow_unsafe_checkpoint'], **kwargs).eval()
     card = model_card(model, source, settings, origin, run_config, find_results(source), with_training_state)
-    with atomic_folder(out_dir, overwrite) as folder:
-        files = write_hf_folder(model, folder, with_training_state, card)
+    try:
+        with atomic_folder(out_dir, replace=overwrite) as folder:
+            files = write_hf_folder(model, folder, with_training_state, card)
+    except FileExistsError:  # filled by someone else while the export ran
+        raise CheckpointError(f'{out_dir} is not empty: pass --overwrite to replace it') from None
     _logger.info('Wrote %s: %s', out_dir, ', '.join(files))
     return model
 
@@ -391,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         export(args.source, args.out_dir, args.with_training_state, args.config, args.options, args.overwrite)
     except (CheckpointError, ConfigError, ValueError, OSError) as error:
         _logger.error('%s', error)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

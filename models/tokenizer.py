@@ -11,6 +11,7 @@ import socket
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, snapshot_download
 from transformers import BertTokenizer
 
 MAX_TEXT_LENGTH = 35  # every retrieval caption is padded/truncated to this many tokens
@@ -57,7 +58,6 @@ def _tokenizer_folder(name_or_path: str) -> str:
     once: without that probe an offline node spends minutes in the Hub client's retries before failing.
     """
     if not os.path.isdir(name_or_path):
-        from huggingface_hub import constants, snapshot_download
         try:
             name_or_path = snapshot_download(name_or_path, allow_patterns=TOKENIZER_FILES, local_files_only=True)
         except Exception:  # noqa: BLE001 - not cached (or not a valid id): try the network below

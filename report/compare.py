@@ -21,7 +21,8 @@ from ruamel.yaml import YAML
 
 from atomic import atomic_write_text
 from data.retrieval_dataset import ImagePathResolver
-from report import html
+from models.checkpoint import RUN_CONFIG
+import report.html as html
 from report.html import Hit, esc
 from report.summary import load_ranks
 from report.thumbs import THUMB_DIR, write_thumbnails
@@ -113,7 +114,7 @@ def image_sources(split: str, images: np.ndarray, shown: set[int], runs: tuple[s
 
 def _image_root(run: str) -> Optional[str]:
     """`image_root` from the run's config.yaml, if the run folder has one."""
-    for path in (os.path.join(run, 'config.yaml'), os.path.join(os.path.dirname(os.path.abspath(run)), 'config.yaml')):
+    for path in (os.path.join(run, RUN_CONFIG), os.path.join(os.path.dirname(os.path.abspath(run)), RUN_CONFIG)):
         if os.path.isfile(path):
             with open(path, encoding='utf-8') as f:
                 value = (YAML(typ='safe', pure=True).load(f) or {}).get('image_root')

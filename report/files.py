@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import zipfile
 from typing import Mapping
 
@@ -30,16 +28,3 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
             np.lib.format.write_array(array_bytes, np.asanyarray(value), allow_pickle=False)
             archive.writestr(member, array_bytes.getvalue())
     return buffer.getvalue()
-
-
-def replace_dir(staging: str, target: str) -> None:
-    """Put the finished folder `staging` at `target`, replacing an older one (no mix of old and new files).
-
-    The old folder is renamed away first and deleted after the new one is in place, so a crash leaves
-    either the old or the new report at `target` (and at worst a stale `*.old` folder beside it).
-    """
-    old = f'{target}.{os.getpid()}.old'
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -14,10 +14,10 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from atomic import atomic_folder, atomic_write_bytes
 from data.retrieval_dataset import ImagePathResolver
-from report import html
-from report.files import npz_bytes, replace_dir
-from atomic import atomic_write_bytes
+import report.html as html
+from report.files import npz_bytes
 from report.html import Hit, esc
 from report.paper import paper_numbers
 from report.plots import rank_histogram_png, recall_curve_png
@@ -137,12 +137,10 @@ def write_evaluation_report(output_dir: str, scores: Mapping[str, SplitScores], 
     target = os.path.join(output_dir, REPORT_DIR)
     os.makedirs(output_dir, exist_ok=True)
     for name in os.listdir(output_dir):  # left by a killed run (one rank writes: none is in progress)
-        if name.startswith(f'.{REPORT_DIR}.') and name.endswith('.tmp') or name.startswith(f'{REPORT_DIR}.') \
-                and name.endswith('.old'):
+        if name.startswith(f'.{REPORT_DIR}.') and name.endswith(('.tmp', '.old')) \
+                or name.startswith(f'{REPORT_DIR}.') and name.endswith('.old'):  # the latter: older versions
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    staging = os.path.join(output_dir, f'.{REPORT_DIR}.{os.getpid()}.tmp')
-    os.makedirs(staging)
-    try:
+    with atomic_folder(target) as staging:
         sections, thumb_sources, pages = [], {}, []
         for split, split_scores in scores.items():
             dataset = datasets[split]
@@ -170,10 +168,6 @@ def write_evaluation_report(output_dir: str, scores: Mapping[str, SplitScores], 
                 + '<nav>' + ''.join(f'<a href="#split-{esc(s.split)}">{esc(s.split)}</a>' for s, _ in pages)
                 + '</nav>\n' + '\n'.join(sections))
         atomic_write_bytes(os.path.join(staging, INDEX), html.page('Retrieval report', body).encode('utf-8'))
-        replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     _logger.info('Report written to %s in %.2f s (%d thumbnails in %.2f s)', target, time.time() - began,
                  len(thumbs), thumbs_took)
     return os.path.join(target, INDEX)

@@ -13,9 +13,8 @@ import torch
 import utils
 from atomic import atomic_torch_save
 from config import RESULT_NEUTRAL_KEYS
-from models.checkpoint import read_checkpoint
+from models.checkpoint import LAST_CHECKPOINT, compare_keys, read_checkpoint
 from run.failures import SetupError
-from run.output import LAST_CHECKPOINT
 
 _logger = logging.getLogger('train_retrieval')
 
@@ -126,13 +125,12 @@ def adopt_resumed_config(config: dict, checkpoint: dict, path: str) -> None:
 
 
 def state_dict_mismatches(model: torch.nn.Module, state_dict: dict) -> list[str]:
-    """Every key that is missing, unexpected or of another shape, one line each."""
+    """Every key that is missing, unexpected or of another shape, one line each (a resume allows none)."""
     target = model.state_dict()
-    lines = [f'missing: {k}' for k in target if k not in state_dict]
-    lines += [f'unexpected: {k}' for k in state_dict if k not in target]
-    lines += [f'shape: {k}: {tuple(v.shape)} in the checkpoint, {tuple(target[k].shape)} in the model'
-              for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
-    return lines
+    missing, unexpected, other_shape = compare_keys(target, state_dict)
+    return ([f'missing: {k}' for k in missing] + [f'unexpected: {k}' for k in unexpected]
+            + [f'shape: {k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(target[k].shape)} in the model'
+               for k in other_shape])
 
 
 def load_resume_state(checkpoint: dict, path: str, model, optimizer, config: dict, rank: int,

@@ -9,13 +9,11 @@ import tempfile
 from typing import Optional
 
 from atomic import atomic_write_text
+from models.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAIN_LOG
 from run.failures import SetupError
 
 _logger = logging.getLogger('train_retrieval')
 
-LAST_CHECKPOINT = 'checkpoint_last.pth'
-BEST_CHECKPOINT = 'checkpoint_best.pth'
-TRAIN_LOG = 'log.txt'
 RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, TRAIN_LOG)
 
 
@@ -70,7 +68,8 @@ def trim_log(path: str, epoch: int) -> None:
 
 def remove_stale_temp_files(output_dir: str) -> None:
     """Temp files of writes that a hard kill interrupted (the files they were to replace are intact)."""
-    prefixes = ('.' + LAST_CHECKPOINT + '.', '.' + BEST_CHECKPOINT + '.', TRAIN_LOG + '.')
+    # atomic.temp_name's `.NAME.PID.RANDOM.tmp`; `log.txt.PID.tmp` is what versions before it left.
+    prefixes = tuple(f'.{name}.' for name in RUN_FILES) + (TRAIN_LOG + '.',)
     for name in os.listdir(output_dir):
         if name.startswith(prefixes) and name.endswith('.tmp'):
             os.remove(os.path.join(output_dir, name))
@@ -87,6 +86,7 @@ def resume_command(argv: list[str]) -> str:
             skip = arg == '--resume'
         elif not arg.startswith('--resume='):
             args.append(arg)
-    script = os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'train_retrieval.py'))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.relpath(os.path.join(repo, 'train_retrieval.py'))
     launcher = 'torchrun <the same options>' if 'TORCHELASTIC_RUN_ID' in os.environ else 'python'
     return ' '.join([launcher, shlex.quote(script), *map(shlex.quote, args), '--resume', 'auto'])
