@@ -50,7 +50,6 @@ Test hooks (environment variables, used by tests/test_resume.py and tests/test_f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -69,13 +68,13 @@ from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, R
                                CheckpointError)
 from models.tokenizer import TokenizerError
 from report import REPORT_DIR, write_evaluation_report
-from atomic import DiskWriteError, append_json, atomic_torch_save
+from atomic import DiskWriteError, append_json
 from run.checkpoints import (RunState, adopt_resumed_config, load_resume_state, read_resume_checkpoint, resume_path,
-                             save_last, set_rng_state)
+                             save_best, save_last, set_rng_state)
 from run.failures import SetupError, fail, start_failure_watch, stop_failure_watch
 from run.hooks import (STEP_TRACE_ENV, InjectedFailure, StepTrace, failure_from_env, stop_after_steps_from_env)
-from run.output import (RUN_FILES, check_output_dir, check_writable, remove_stale_temp_files, resume_command,
-                        trim_log)
+from run.output import (RUN_FILES, check_output_dir, check_writable, default_output_dir, remove_stale_temp_files,
+                        resume_command, training_summary, trim_log)
 from run.progress import ProgressLogger
 from run.stops import StopRequest, agree
 from run.tensorboard import TensorboardWriter
@@ -137,11 +136,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.config)
     return args
-
-
-def default_output_dir(config_path: str) -> str:
-    """output/<config name>: the demo's run lands in output/retrieval_demo, not in a Flickr-named folder."""
-    return os.path.join('output', os.path.splitext(os.path.basename(config_path))[0])
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -487,10 +481,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                 if val['r_mean'] > state.best_r_mean:
                     state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
                     if utils.is_main_process():
-                        atomic_torch_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                                                 'config': config, 'epoch': epoch, 'val_r_mean': val['r_mean']},
-                                                best_path)
-                        _logger.info('New best val r_mean %.2f: saved %s', val['r_mean'], best_path)
+                        save_best(best_path, model, optimizer, config, epoch, val['r_mean'])
                         report_path = write_report(output_dir, kept, datasets, config, epoch) or report_path
                 del kept
                 if utils.is_main_process():
@@ -523,27 +514,6 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
     if utils.is_main_process():  # a resumed run may have written the report before it stopped
         print(training_summary(state, datasets, output_dir, report_path), flush=True)
     return 0
-
-
-def training_summary(state: RunState, datasets: dict, output_dir: str, report_path: Optional[str]) -> str:
-    """The last lines of a fine-tune: the best epoch's recall against chance, and where its files are."""
-    log = os.path.join(output_dir, TRAIN_LOG)
-    with open(log) as f:
-        records = [json.loads(line) for line in f]
-    best = [r for r in records if r.get('epoch') == state.best_epoch][-1:]
-    val = {k[len('val_'):]: v for k, v in best[0].items() if k.startswith('val_')} if best else {}
-    lines = [f'Training done: best epoch {state.best_epoch} (by val r_mean)']
-    for split, metrics in (('val', val), ('test', state.best_test)):
-        dataset = datasets[split]
-        chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']
-        if metrics:
-            lines.append(f'  {split:<4} {format_recall(metrics)}  (chance r_mean {chance:.2f})')
-    lines.append(f'  checkpoint: {os.path.join(output_dir, BEST_CHECKPOINT)}')
-    lines.append(f'  log: {log} (one line per epoch), TensorBoard: tensorboard --logdir '
-                 f'{os.path.join(output_dir, TENSORBOARD_DIR)}')
-    if report_path:  # last, where the eye lands: the page to open
-        lines.append(f'  report of the best epoch ({state.best_epoch}): {report_path}')
-    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""checkpoint_last.pth and exact resume: what the run state holds, every rank's RNG, and continuing from it."""
+"""checkpoint_last.pth and checkpoint_best.pth: their payloads (written atomically), the run state with every
+rank's RNG, and exact resume."""
 from __future__ import annotations
 
 import logging
@@ -75,6 +76,13 @@ def save_last(path: str, model, optimizer, config: dict, state: RunState) -> Non
                            'batch_size_train': config['batch_size_train'], 'world_size': utils.get_world_size()},
         }, path)
         _logger.info('Saved %s (epoch %d, step %d)', path, state.epoch, state.step)
+
+
+def save_best(path: str, model, optimizer, config: dict, epoch: int, val_r_mean: float) -> None:
+    """checkpoint_best.pth: called only when val r_mean improved, so a better file is never replaced by a worse."""
+    atomic_torch_save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': config,
+                       'epoch': epoch, 'val_r_mean': val_r_mean}, path)
+    _logger.info('New best val r_mean %.2f: saved %s', val_r_mean, path)
 
 
 def resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:

@@ -9,7 +9,9 @@ import tempfile
 from typing import Optional
 
 from atomic import atomic_write_text
-from models.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAIN_LOG
+from evaluation import chance_recall, format_recall
+from models.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TENSORBOARD_DIR, TRAIN_LOG
+from run.checkpoints import RunState
 from run.failures import SetupError
 
 _logger = logging.getLogger('train_retrieval')
@@ -90,3 +92,29 @@ def resume_command(argv: list[str]) -> str:
     script = os.path.relpath(os.path.join(repo, 'train_retrieval.py'))
     launcher = 'torchrun <the same options>' if 'TORCHELASTIC_RUN_ID' in os.environ else 'python'
     return ' '.join([launcher, shlex.quote(script), *map(shlex.quote, args), '--resume', 'auto'])
+
+
+def default_output_dir(config_path: str) -> str:
+    """output/<config name>: the demo's run lands in output/retrieval_demo, not in a Flickr-named folder."""
+    return os.path.join('output', os.path.splitext(os.path.basename(config_path))[0])
+
+
+def training_summary(state: RunState, datasets: dict, output_dir: str, report_path: Optional[str]) -> str:
+    """The last lines of a fine-tune: the best epoch's recall against chance, and where its files are."""
+    log = os.path.join(output_dir, TRAIN_LOG)
+    with open(log) as f:
+        records = [json.loads(line) for line in f]
+    best = [r for r in records if r.get('epoch') == state.best_epoch][-1:]
+    val = {k[len('val_'):]: v for k, v in best[0].items() if k.startswith('val_')} if best else {}
+    lines = [f'Training done: best epoch {state.best_epoch} (by val r_mean)']
+    for split, metrics in (('val', val), ('test', state.best_test)):
+        dataset = datasets[split]
+        chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']
+        if metrics:
+            lines.append(f'  {split:<4} {format_recall(metrics)}  (chance r_mean {chance:.2f})')
+    lines.append(f'  checkpoint: {os.path.join(output_dir, BEST_CHECKPOINT)}')
+    lines.append(f'  log: {log} (one line per epoch), TensorBoard: tensorboard --logdir '
+                 f'{os.path.join(output_dir, TENSORBOARD_DIR)}')
+    if report_path:  # last, where the eye lands: the page to open
+        lines.append(f'  report of the best epoch ({state.best_epoch}): {report_path}')
+    return '\n'.join(lines)
