@@ -21,6 +21,7 @@ from conftest import REPO, free_port, run_torchrun
 from synthetic import write_colour_dataset
 from test_train_retrieval import base_args, tiny_options
 
+import atomic
 import train_retrieval
 import utils
 from data.loaders import ResumableDistributedSampler
@@ -213,7 +214,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_size_needed(tmp_path
     (message,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     checkpoint = torch.load(out / 'checkpoint_last.pth', map_location='cpu', weights_only=True)
     assert checkpoint['step'] == saves[0] == 1
-    needed = utils._tensor_bytes(checkpoint)  # the size of what was to be written, the same state a step later
+    needed = atomic._tensor_bytes(checkpoint)  # the size of what was to be written, the same state a step later
     assert f'({needed:,} bytes)' in message and 'No space left on device' in message, message
     assert 'the previous file is unchanged' in message
     assert not [name for name in os.listdir(out) if name.endswith('.tmp')]
