@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import shutil
 import tempfile
 import time
 from types import SimpleNamespace
@@ -73,6 +74,7 @@ def main(argv=None) -> None:
     parser.add_argument('--queries', type=int, default=24, help='report_queries')
     parser.add_argument('--thumb_px', type=int, default=128, help='report_thumb_px')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--keep', metavar='DIR', help='copy the report written here, to look at it')
     args = parser.parse_args(argv)
     width, height = map(int, args.image_px.split('x'))
     scores, txt2img, img2txt = fake_split(args.images, args.captions_per_image, args.k_test, args.seed)
@@ -109,6 +111,8 @@ def main(argv=None) -> None:
         report_s = time.perf_counter() - began
         size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(os.path.dirname(index))
                    for name in names)
+        if args.keep:
+            shutil.copytree(os.path.dirname(index), args.keep, dirs_exist_ok=True)
     print(f'recall_metrics (every evaluation, for scale): {metrics_s:.2f} s')
     print(f'ranks and top-10 ids: {summary_s:.2f} s; plots: {plots_s:.2f} s; '
           f'thumbnails: {thumbs_s:.2f} s for {len(shown)} images ({1000 * thumbs_s / max(1, len(shown)):.1f} ms each)')

@@ -1,4 +1,6 @@
-"""The benchmark scripts at a small size: both paths agree, and the last line is the one scripts read.
+"""The benchmark scripts at a small size: both paths agree, the measured lines are consistent with each other
+(the ratio is that of the printed times, rates are counts over times, sizes are those of the files written), and
+the last line is the one scripts read.
 
 Speed is not asserted here (timings belong to the benchmarks themselves, run on a quiet machine).
 """
@@ -9,9 +11,25 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 LAST_LINE = re.compile(r'^speedup (\d+\.\d+)x max_abs_diff (\S+)$')
+NUMBER = r'(\d+(?:\.\d+)?)'
+
+
+def measured(lines: list[str], pattern: str) -> tuple[float, ...]:
+    """The numbers of the one line that matches `pattern` (NUMBER groups)."""
+    found = [re.match(pattern, line) for line in lines]
+    (match,) = [m for m in found if m]
+    return tuple(float(g) for g in match.groups())
+
+
+def assert_printed_ratio(ratio: float, numerator: float, denominator: float) -> None:
+    """`ratio` (2 decimals) is numerator / denominator, both printed to 2 decimals: rounding bounds the error."""
+    bound = 0.005 + (numerator / denominator) * (0.005 / numerator + 0.005 / denominator) * 1.01
+    assert abs(ratio - numerator / denominator) <= bound, (ratio, numerator, denominator)
 
 
 def run_benchmark(name: str, *args: str) -> list[str]:
@@ -28,6 +46,12 @@ def test_bench_eval_fast_equals_reference():
     match = LAST_LINE.match(lines[-1])
     assert match, lines[-1]
     assert float(match.group(2)) < 0.02  # bf16 on both paths: rounding only
+    (entries,) = measured(lines, rf'^setup: .* {NUMBER} top-k entries')
+    fast_s, fast_rate = measured(lines, rf'^fast:\s+wall\s+{NUMBER} s\s+{NUMBER} entries/s')
+    reference_s, reference_rate = measured(lines, rf'^reference:\s+wall\s+{NUMBER} s\s+{NUMBER} entries/s')
+    assert_printed_ratio(float(match.group(1)), reference_s, fast_s)
+    assert fast_rate == pytest.approx(entries / fast_s, rel=0.01, abs=0.06)  # rate and wall each rounded
+    assert reference_rate == pytest.approx(entries / reference_s, rel=0.01, abs=0.06)
     (check,) = [line for line in lines if line.startswith('bf16 vs fp32')]
     assert float(re.search(r'max_abs_diff (\S+)', check).group(1)) < 0.1
 
@@ -39,12 +63,26 @@ def test_bench_train_variants_start_from_the_same_losses():
     match = LAST_LINE.match(lines[-1])
     assert match, lines[-1]
     assert float(match.group(2)) < 1e-4  # same weights, same inputs, fp32: the fast path changes no loss
+    step_s, rate = {}, {}
+    for path in ('straightforward', 'fast'):
+        step_s[path], rate[path] = measured(lines, rf'^{path}\s+fp32:\s+{NUMBER} s/step\s+{NUMBER} samples/s')
+        assert rate[path] == pytest.approx(2 / step_s[path], rel=0.01, abs=0.006)  # batch 2, each rounded
+    assert_printed_ratio(float(match.group(1)), step_s['straightforward'], step_s['fast'])
 
 
-def test_bench_report_writes_a_report_of_the_asked_size():
+def test_bench_report_measures_the_report_it_writes(tmp_path):
+    kept = tmp_path / 'report'
     result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'bench_report.py'), '--images', '20',
-                             '--k_test', '8', '--image_px', '120x90', '--queries', '4'],
+                             '--k_test', '8', '--image_px', '120x90', '--queries', '4', '--keep', str(kept)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    last = result.stdout.strip().splitlines()[-1]
-    assert re.match(r'^report \d+\.\d+ s for one split of 20 images / 100 captions, \d+\.\d+ MB$', last), last
+    lines = result.stdout.strip().splitlines()
+    report_s, mb = measured(lines[-1:], rf'^report {NUMBER} s for one split of 20 images / 100 captions, {NUMBER} MB$')
+    size = sum(path.stat().st_size for path in kept.rglob('*') if path.is_file())
+    assert mb == pytest.approx(size / 1e6, abs=0.005)  # the size printed is that of the report written
+    summary_s, plots_s, thumbs_s, thumbs, each_ms = measured(
+        lines, rf'^ranks and top-10 ids: {NUMBER} s; plots: {NUMBER} s; thumbnails: {NUMBER} s for {NUMBER} '
+        rf'images \({NUMBER} ms each\)$')
+    assert thumbs == len(list((kept / 'thumbs').glob('*.jpg')))  # the report shows the images timed
+    assert each_ms == pytest.approx(1000 * thumbs_s / thumbs, abs=0.05 + 5 / thumbs)  # thumbs_s is rounded
+    assert report_s > 0 and summary_s >= 0 and plots_s >= 0

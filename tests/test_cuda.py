@@ -89,15 +89,37 @@ def test_fast_evaluation_waits_for_the_gpu_a_fixed_number_of_times(cuda_model, g
     assert count[1] == count[1024]
 
 
-def test_torchrun_evaluate_bf16_on_one_gpu(tmp_path, golden_checkpoint):
+def test_torchrun_evaluate_on_one_gpu_gives_the_computed_recall(tmp_path, golden_checkpoint):
+    """fp32: the recall of scores computed pair by pair on the CPU, exactly; bf16: within one query of it."""
+    from test_train_retrieval import direct_scores
+    from data import create_datasets
     data = write_colour_dataset(str(tmp_path / 'data'), n_train=8, n_val=6, n_test=6)
     options = {'image_root': data['image_root'], 'ann_root': data['ann_root'], 'pretrained': golden_checkpoint,
                'vit': '{embed_dim: 64, depth: 2, num_heads: 2}', 'med_config': TINY_KWARGS['med_config'],
                'tokenizer': TINY_KWARGS['tokenizer'], 'image_size': 32, 'embed_dim': 16, 'queue_size': 16,
-               'k_test': 4, 'num_workers': 2, 'precision': 'bf16'}
-    args = [os.path.join(REPO, 'train_retrieval.py'), '--config', os.path.join(REPO, 'configs', 'retrieval_flickr.yaml'),
-            '--evaluate', '--output_dir', str(tmp_path / 'out'), '--options'] + [f'{k}={v}' for k, v in options.items()]
-    result = run_torchrun(args, nproc=1)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]  # our errors are logged to stdout
-    record = json.loads((tmp_path / 'out' / 'evaluate.txt').read_text())
-    assert 0 <= record['test_r_mean'] <= 100 and 'val_txt_r1' in record
+               'k_test': 4, 'num_workers': 2}
+    records = {}
+    for precision in ('fp32', 'bf16'):
+        out = tmp_path / precision
+        args = [os.path.join(REPO, 'train_retrieval.py'), '--config',
+                os.path.join(REPO, 'configs', 'retrieval_flickr.yaml'), '--evaluate', '--output_dir', str(out),
+                '--options'] + [f'{k}={v}' for k, v in {**options, 'precision': precision}.items()]
+        result = run_torchrun(args, nproc=1)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]  # our errors are logged to stdout
+        (line,) = (out / 'evaluate.txt').read_text().splitlines()
+        records[precision] = json.loads(line)
+
+    model = blip_retrieval(golden_checkpoint, **TINY_KWARGS).eval()
+    datasets = create_datasets({'image_root': data['image_root'], 'ann_root': data['ann_root'], 'dataset': 'flickr',
+                                'image_size': 32}, ('val', 'test'))
+    for split, dataset in datasets.items():
+        want = evaluation.recall_metrics(*direct_scores(model, dataset, k_test=4), dataset.txt2img, dataset.img2txt)
+        for precision, record in records.items():
+            got = {key: record[f'{split}_{key}'] for key in want if f'{split}_{key}' in record}
+            assert got.keys() == want.keys(), precision
+            if precision == 'fp32':
+                assert got == pytest.approx(want), split
+            else:  # bf16 may reorder a near-tie: one query's worth of recall at most
+                one_query = {k: 100 / (len(dataset.text) if k.startswith('img') else len(dataset)) for k in want}
+                assert all(abs(got[k] - want[k]) <= one_query[k] + 1e-9 for k in want
+                           if k.startswith(('txt_r', 'img_r'))), (split, got, want)

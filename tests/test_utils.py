@@ -226,8 +226,14 @@ def test_tensorboard_writer(tmp_path: Path) -> None:
     writer = tensorboard.TensorboardWriter(str(tmp_path))
     assert writer.enabled
     writer.add_scalars({"loss": torch.tensor(1.5), "lr": 1e-5}, step=3)
+    writer.add_scalars({"loss": 0.25}, step=7)
     writer.close()
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()  # what TensorBoard itself reads back
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 1.5), (7, 0.25)]
+    assert [(e.step, pytest.approx(e.value, rel=1e-7)) for e in events.Scalars("lr")] == [(3, 1e-5)]
 
 
 # --------------------------------------------------------------------------- #
