@@ -1,4 +1,5 @@
-"""A folder of the user's own images (recursive), for `search.py`: listing with size and mtime, and loading."""
+"""Image files: a folder of the user's own images (recursive) for `search.py` (listing with size and mtime, and
+loading), and the full-decode check of one image that the data preparation commands run on every file."""
 from __future__ import annotations
 
 import os
@@ -64,3 +65,16 @@ class ImageFileDataset(Dataset):
             return self.transform(open_rgb(path)), position, ''
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             return torch.zeros(3, self.image_size, self.image_size), position, str(error) or type(error).__name__
+
+
+def decode_problem(path: str | os.PathLike[str]) -> str | None:
+    """Return None when ``path`` decodes fully, else why not."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (1, 1))  # JPEG: decode at reduced scale; still reads every byte
+            image.load()
+    except FileNotFoundError:
+        return "missing"
+    except Exception as exc:  # PIL raises many types for bad data
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None

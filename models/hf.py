@@ -493,28 +493,3 @@ def load_hf_checkpoint(model: nn.Module, checkpoint: HFCheckpoint, name: str) ->
     _logger.info('Loaded Hugging Face BLIP %s (%s): %s', name, checkpoint.folder, report.summary())
     return report
 
-
-# ---------------------------------------------------------------------------------------------- export
-def hf_config_for(model: nn.Module):
-    """transformers' BlipConfig of `model`, with BLIP's values (eps 1e-6, the real head counts, is_decoder)."""
-    shapes = BlipShapes.of(model.state_dict(), 'the model')
-    block = model.visual_encoder.blocks[0]
-    text = model.text_encoder.config
-    tokenizer = model.tokenizer
-    vision_config = dict(hidden_size=shapes.vision_width, intermediate_size=shapes.vision_mlp,
-                         num_hidden_layers=shapes.vision_depth, num_attention_heads=block.attn.num_heads,
-                         image_size=shapes.image_size, patch_size=shapes.patch_size, hidden_act='gelu',
-                         layer_norm_eps=block.norm1.eps, attention_dropout=0.0)
-    text_config = dict(vocab_size=shapes.vocab_size, hidden_size=shapes.text_width,
-                       encoder_hidden_size=shapes.vision_width, intermediate_size=shapes.text_intermediate,
-                       num_hidden_layers=shapes.text_layers, num_attention_heads=text.num_attention_heads,
-                       max_position_embeddings=shapes.text_positions, hidden_act=text.hidden_act,
-                       layer_norm_eps=text.layer_norm_eps, hidden_dropout_prob=text.hidden_dropout_prob,
-                       attention_probs_dropout_prob=text.attention_probs_dropout_prob,
-                       initializer_range=text.initializer_range, is_decoder=True,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
-    config = BlipConfig(text_config=text_config, vision_config=vision_config,
-                        image_text_hidden_size=shapes.embed_dim)
-    config.architectures = [HF_ARCHITECTURE]
-    return config

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 from safetensors.torch import save_file
-from transformers import BlipImageProcessor
+from transformers import BlipConfig, BlipImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from atomic import atomic_folder
@@ -176,6 +176,31 @@ def export_settings(source: str, config_path: Optional[str], options: list[str]
 
 
 # ---------------------------------------------------------------------------------------------- the folder
+def hf_config_for(model: BLIP_Retrieval) -> BlipConfig:
+    """transformers' BlipConfig of `model`, with BLIP's values (eps 1e-6, the real head counts, is_decoder)."""
+    shapes = hf.BlipShapes.of(model.state_dict(), 'the model')
+    block = model.visual_encoder.blocks[0]
+    text = model.text_encoder.config
+    tokenizer = model.tokenizer
+    vision_config = dict(hidden_size=shapes.vision_width, intermediate_size=shapes.vision_mlp,
+                         num_hidden_layers=shapes.vision_depth, num_attention_heads=block.attn.num_heads,
+                         image_size=shapes.image_size, patch_size=shapes.patch_size, hidden_act='gelu',
+                         layer_norm_eps=block.norm1.eps, attention_dropout=0.0)
+    text_config = dict(vocab_size=shapes.vocab_size, hidden_size=shapes.text_width,
+                       encoder_hidden_size=shapes.vision_width, intermediate_size=shapes.text_intermediate,
+                       num_hidden_layers=shapes.text_layers, num_attention_heads=text.num_attention_heads,
+                       max_position_embeddings=shapes.text_positions, hidden_act=text.hidden_act,
+                       layer_norm_eps=text.layer_norm_eps, hidden_dropout_prob=text.hidden_dropout_prob,
+                       attention_probs_dropout_prob=text.attention_probs_dropout_prob,
+                       initializer_range=text.initializer_range, is_decoder=True,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
+    config = BlipConfig(text_config=text_config, vision_config=vision_config,
+                        image_text_hidden_size=shapes.embed_dim)
+    config.architectures = [hf.HF_ARCHITECTURE]
+    return config
+
+
 def write_tokenizer(tokenizer, folder: str, max_length: int) -> None:
     """tokenizer.json / tokenizer_config.json with `[DEC]` (bos) and `[ENC]` as added tokens, plus vocab.txt."""
     saved_max_length = tokenizer.model_max_length
@@ -202,7 +227,7 @@ def write_image_processor(folder: str, image_size: int) -> None:
 def write_hf_folder(model: BLIP_Retrieval, folder: str, with_training_state: bool, model_card: str) -> list[str]:
     """Every file of the export into `folder` (an empty temp folder); returns their names."""
     weights, training_state = hf.to_hf_state_dict(model.state_dict())
-    config = hf.hf_config_for(model)
+    config = hf_config_for(model)
     config.to_json_file(os.path.join(folder, hf.CONFIG_NAME), use_diff=False)  # every value, defaults included
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, os.path.join(folder, hf.SAFETENSORS_NAME),
               metadata={'format': 'pt'})
@@ -258,7 +283,7 @@ def recall_table(results: dict) -> str:
 def model_card(model: BLIP_Retrieval, source: str, settings: dict, origin: str, run_config: Optional[dict],
                results: Optional[tuple[dict, str]], with_training_state: bool) -> str:
     """README.md: recall, architecture, config, and how to use it with transformers."""
-    config = hf.hf_config_for(model)
+    config = hf_config_for(model)
     vision, text = config.vision_config, config.text_config
     k_test = (run_config or {}).get('k_test', 128)
     dataset = (run_config or {}).get('dataset')
