@@ -554,14 +554,9 @@ def config_lines(image_root: Path, ann_root: Path) -> dict[str, str]:
     return {"image_root": _yaml_quote(str(image_root)), "ann_root": _yaml_quote(str(ann_root))}
 
 
-def update_config(config_path: Path, values: dict[str, str]) -> None:
-    """Set top-level keys in a YAML file by editing only their lines (comments stay)."""
-    try:
-        lines = config_path.read_text(encoding="utf-8").splitlines(keepends=True)
-    except OSError as exc:
-        raise DataError(
-            f"cannot read the config {config_path} ({exc}); pass --write-config PATH to an existing YAML file"
-        ) from None
+def set_config_lines(text: str, values: dict[str, str]) -> str:
+    """``text`` (YAML) with top-level keys set by editing only their lines (comments stay; missing keys appended)."""
+    lines = text.splitlines(keepends=True)
     for key, value in values.items():
         pattern = re.compile(
             rf"^{key}\s*:\s*(?P<value>'(?:[^']|'')*'|\"[^\"]*\"|[^#\n]*?)(?P<comment>\s+#.*)?(?P<eol>\r?\n)?$"
@@ -575,8 +570,19 @@ def update_config(config_path: Path, values: dict[str, str]) -> None:
             if lines and not lines[-1].endswith("\n"):
                 lines[-1] += "\n"
             lines.append(f"{key}: {value}\n")
+    return "".join(lines)
+
+
+def update_config(config_path: Path, values: dict[str, str]) -> None:
+    """Set top-level keys in a YAML file by editing only their lines (comments stay)."""
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(
+            f"cannot read the config {config_path} ({exc}); pass --write-config PATH to an existing YAML file"
+        ) from None
     partial = config_path.with_name(f".{config_path.name}.partial")
-    partial.write_text("".join(lines), encoding="utf-8")
+    partial.write_text(set_config_lines(text, values), encoding="utf-8")
     os.replace(partial, config_path)
 
 
