@@ -52,6 +52,7 @@ MAX_LISTED_PROBLEMS = 20
 DEFAULT_SPLIT_IMAGES = 1000  # val and test images each, or DEFAULT_SPLIT_SHARE of the images when that is fewer
 DEFAULT_SPLIT_SHARE = 0.05
 QUEUE_PROCESSES = 8  # the written queue_size suits 1, 2, 4 and 8 processes (README: 8 GPUs x 32 = 256)
+SMALL_EVAL_IMAGES = 100  # fewer val or test images than this: R@1 is mostly noise (a warning says how much)
 UNK_SAMPLE = 2000  # captions tokenized to measure the [UNK] rate
 UNK_WARN_SHARE = 0.01  # of the tokens
 RESERVED_NAMES = ("flickr", "coco", "demo")  # datasets with files of their own, or generated
@@ -785,6 +786,12 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> dict:
         warnings.append(f"--test 0: {args.name}_test.json repeats val so that train_retrieval.py runs; its test "
                         "recall is the val recall")
 
+    for split in ("val", "test"):
+        n = len(records[split])
+        if 0 < n < SMALL_EVAL_IMAGES:  # 95% interval of a proportion near 50%: 1.96 * sqrt(0.25 / n)
+            warnings.append(f"{split} has {n} image{'s' if n > 1 else ''}: its TR@1 is known to about +-{98 / n ** 0.5:.0f} points (95%), "
+                            "so small differences mean nothing; 1,000 images give +-3 (README: how big val and test "
+                            "should be)")
     n_train = len(records["train"])
     queue_size = fitted_queue_size(config["queue_size"], config["batch_size_train"], n_train)
     queue_note = (f"queue_size {queue_size}: at most the {n_train} training captions and a multiple of "
