@@ -789,9 +789,10 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> dict:
     for split in ("val", "test"):
         n = len(records[split])
         if 0 < n < SMALL_EVAL_IMAGES:  # 95% interval of a proportion near 50%: 1.96 * sqrt(0.25 / n)
-            warnings.append(f"{split} has {n} image{'s' if n > 1 else ''}: its TR@1 is known to about +-{98 / n ** 0.5:.0f} points (95%), "
-                            "so small differences mean nothing; 1,000 images give +-3 (README: how big val and test "
-                            "should be)")
+            images = f"{n} image{'s' if n > 1 else ''}"
+            warnings.append(f"{split} has {images}: its TR@1 is known to about +-{98 / n ** 0.5:.0f} points (95%), "
+                            "so small differences mean nothing; 1,000 images give +-3 (README: how big val and "
+                            "test should be)")
     n_train = len(records["train"])
     queue_size = fitted_queue_size(config["queue_size"], config["batch_size_train"], n_train)
     queue_note = (f"queue_size {queue_size}: at most the {n_train} training captions and a multiple of "
