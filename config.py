@@ -9,6 +9,7 @@ import difflib
 import io
 import logging
 import os
+import re
 from typing import Any, Callable
 
 from ruamel.yaml import YAML
@@ -363,3 +364,28 @@ def save_config(config: dict[str, Any], path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------- editing a config file's text
+def yaml_quote(value: str) -> str:
+    """`value` as a single-quoted YAML scalar (read back as the same string)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def set_config_lines(text: str, values: dict[str, str]) -> str:
+    """``text`` (YAML) with top-level keys set by editing only their lines (comments stay; missing keys appended)."""
+    lines = text.splitlines(keepends=True)
+    for key, value in values.items():
+        pattern = re.compile(
+            rf"^{key}\s*:\s*(?P<value>'(?:[^']|'')*'|\"[^\"]*\"|[^#\n]*?)(?P<comment>\s+#.*)?(?P<eol>\r?\n)?$"
+        )
+        for index, line in enumerate(lines):
+            match = pattern.match(line)
+            if match:
+                lines[index] = f"{key}: {value}{match['comment'] or ''}{match['eol'] or ''}"
+                break
+        else:
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            lines.append(f"{key}: {value}\n")
+    return "".join(lines)

@@ -395,6 +395,7 @@ def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -
                for split in ('val', 'test')}
     if utils.is_main_process():
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
+        record['recall_unit'] = '%'  # recall is 0-100: 15.0 is 15%, not 0.15
         append_json(os.path.join(output_dir, EVALUATE_LOG), record)
         summary = [f'Evaluated {config["pretrained"] or "random weights"}']
         for split in ('val', 'test'):
@@ -488,7 +489,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                     record = {**{f'train_{k}': v for k, v in train_stats.items()},
                               **{f'val_{k}': v for k, v in val.items()},
                               **{f'test_{k}': v for k, v in state.best_test.items()},
-                              'epoch': epoch, 'best_epoch': state.best_epoch}
+                              'epoch': epoch, 'best_epoch': state.best_epoch, 'recall_unit': '%'}
                     append_json(log_path, record)
                     # Same x axis as the train curves: the global step at the end of the epoch.
                     epoch_end = (epoch + 1) * state.steps_per_epoch

@@ -40,6 +40,7 @@ from typing import Iterable
 from tqdm import tqdm
 
 from atomic import atomic_file, atomic_write_text
+from config import set_config_lines, yaml_quote
 from data.annotations import DataError, annotation_file, annotation_url, ensure_annotations, load_annotation
 from data.image_folder import decode_problem
 from data.retrieval_dataset import ImagePathResolver
@@ -535,36 +536,19 @@ def report_problems(problems: list[ImageProblem], layout: ImageLayout, root: Pat
 # --------------------------------------------------------------------------- config
 
 
-def _yaml_quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def config_lines(image_root: Path, ann_root: Path) -> dict[str, str]:
-    return {"image_root": _yaml_quote(str(image_root)), "ann_root": _yaml_quote(str(ann_root))}
+    return {"image_root": yaml_quote(str(image_root)), "ann_root": yaml_quote(str(ann_root))}
 
 
 def update_config(config_path: Path, values: dict[str, str]) -> None:
     """Set top-level keys in a YAML file by editing only their lines (comments stay)."""
     try:
-        lines = config_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        text = config_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(
             f"cannot read the config {config_path} ({exc}); pass --write-config PATH to an existing YAML file"
         ) from None
-    for key, value in values.items():
-        pattern = re.compile(
-            rf"^{key}\s*:\s*(?P<value>'(?:[^']|'')*'|\"[^\"]*\"|[^#\n]*?)(?P<comment>\s+#.*)?(?P<eol>\r?\n)?$"
-        )
-        for index, line in enumerate(lines):
-            match = pattern.match(line)
-            if match:
-                lines[index] = f"{key}: {value}{match['comment'] or ''}{match['eol'] or ''}"
-                break
-        else:
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            lines.append(f"{key}: {value}\n")
-    atomic_write_text(config_path, "".join(lines))
+    atomic_write_text(config_path, set_config_lines(text, values))
 
 
 # --------------------------------------------------------------------------- CLI

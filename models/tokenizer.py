@@ -85,7 +85,8 @@ def check_vocab_size(tokenizer: BertTokenizer, vocab_size: int, name_or_path: st
         raise TokenizerError(
             f'config key `tokenizer` ({name_or_path!r}) gives {len(tokenizer)} tokens (vocabulary + [DEC] + [ENC]) '
             f'but med_config has vocab_size {vocab_size}: use the vocabulary the model was built with '
-            "('bert-base-uncased' for BLIP's checkpoints and configs/med_config.json)")
+            "('bert-base-uncased' for BLIP's checkpoints and configs/med_config.json; for a small model on your "
+            "own captions, configs/retrieval_tiny.yaml: the demo's model knows only the demo's 55 words)")
 
 
 def tokenize(tokenizer: BertTokenizer, captions: list[str], device: torch.device | str = 'cpu'

@@ -501,4 +501,4 @@ def test_prepared_kaggle_download_is_evaluated_by_train_retrieval(tmp_path, fake
     record = json.loads((out / "evaluate.txt").read_text())
     # Every metric of both splits is there; with one image per split each is 100 by construction.
     metrics = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")
-    assert record == {f"{split}_{m}": 100.0 for split in ("val", "test") for m in metrics}
+    assert record == {**{f"{split}_{m}": 100.0 for split in ("val", "test") for m in metrics}, "recall_unit": "%"}

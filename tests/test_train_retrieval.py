@@ -163,7 +163,8 @@ def test_k_test_larger_than_candidates_is_clamped(tmp_path, eval_data, golden_ch
     (record,) = read_jsonl(tmp_path / 'evaluate.txt')
     assert set(record) == {f'{s}_{k}' for s in ('val', 'test') for k in
                            ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'img_r1', 'img_r5', 'img_r10',
-                            'img_r_mean', 'r_mean')}
+                            'img_r_mean', 'r_mean')} | {'recall_unit'}
+    assert record['recall_unit'] == '%'
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
