@@ -230,4 +230,6 @@ def create_eval_loader(
         pin_memory=_pin_memory(),
         drop_last=False,
         worker_init_fn=ignore_stop_signals,
+        # Its own generator: evaluating must not draw from the global RNG (each rank's training stream).
+        generator=torch.Generator().manual_seed(0),
     )

@@ -61,6 +61,8 @@ class Ranks:
     in one process by overriding these four methods.
     """
 
+    no_negative: Optional[torch.Tensor] = None  # (2B,) once forward_train ran: negative pairs without a candidate
+
     def momentum_features(self, model: 'BLIP_Retrieval', image: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model.momentum_update()
@@ -83,7 +85,9 @@ class Ranks:
     def hard_negatives(self, model: 'BLIP_Retrieval', idx: torch.Tensor, image_feat: torch.Tensor,
                        text_feat: torch.Tensor, candidates: NegativeCandidates
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return model.hard_negatives(idx, image_feat, text_feat, candidates)
+        negatives = model.hard_negatives(idx, image_feat, text_feat, candidates)
+        self.no_negative = negatives[2]
+        return negatives
 
 
 class BLIP_Retrieval(nn.Module):
