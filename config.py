@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "sha256": None,
     "allow_unsafe_checkpoint": False,
     "save_every_steps": 0,
+    "accum_steps": 1,  # each process plays this many ranks, one micro-batch each (models/virtual_ranks.py)
     "tensorboard": True,
     "augment": True,
     "report": True,  # output_dir/report/: the visual report of each evaluation (report/)
@@ -197,6 +198,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "sha256": _optional(_as_sha256),
     "allow_unsafe_checkpoint": _as_bool,
     "save_every_steps": _as_int,
+    "accum_steps": _as_int,
     "tensorboard": _as_bool,
     "augment": _as_bool,
     "report": _as_bool,
@@ -221,9 +223,10 @@ def _check_range(config: dict[str, Any]) -> None:
     require(0.0 <= config["alpha"] <= 1.0, "alpha", "between 0 and 1")
     require(0.0 <= config["momentum"] <= 1.0, "momentum", "between 0 and 1")
     require(config["k_test"] >= 1, "k_test", ">= 1")
+    require(config["accum_steps"] >= 1, "accum_steps", ">= 1 (1: one batch per process and step)")
     require(config["report_queries"] >= 1, "report_queries", ">= 1 (set report: false to write no report)")
     require(16 <= config["report_thumb_px"] <= 1024, "report_thumb_px", "between 16 and 1024 pixels")
-    # queue_size % (batch_size_train x processes) is checked when training starts: evaluation never fills
+    # queue_size % (batch_size_train x processes x accum_steps) is checked when training starts: evaluation never fills
     # the queue, so (as in the original) an evaluate run takes any queue_size of the checkpoint.
     patch = config["vit"]["patch_size"] if isinstance(config["vit"], dict) else 16
     if config["image_size"] % patch:

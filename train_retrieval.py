@@ -51,17 +51,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 import utils
 from config import ConfigError, load_config, save_config
 from data import (DataError, check_images, create_datasets, create_train_loader, prepare_data, set_loader_epoch)
-from data.loaders import batches_of, default_num_workers, worker_error_message
+from data.loaders import default_num_workers
 from evaluation import chance_recall, evaluate_split, format_recall
 from models import model_from_config
 from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, RUN_CONFIG, TENSORBOARD_DIR, TRAIN_LOG,
@@ -69,33 +68,21 @@ from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, R
 from models.tokenizer import TokenizerError
 from report import REPORT_DIR, write_evaluation_report
 from atomic import DiskWriteError, append_json
-from run.checkpoints import (RunState, adopt_resumed_config, load_resume_state, read_resume_checkpoint, resume_path,
-                             save_best, save_last, set_rng_state)
+from run.checkpoints import (RankStreams, RunState, adopt_resumed_config, load_resume_state, read_resume_checkpoint,
+                             resume_path, save_best, save_last)
 from run.failures import SetupError, fail, start_failure_watch, stop_failure_watch
-from run.hooks import (STEP_TRACE_ENV, InjectedFailure, StepTrace, failure_from_env, stop_after_steps_from_env)
+from run.hooks import STEP_TRACE_ENV, StepTrace, failure_from_env, stop_after_steps_from_env
 from run.output import (RUN_FILES, check_output_dir, check_writable, default_output_dir, remove_stale_temp_files,
                         resume_command, training_summary, trim_log)
-from run.progress import ProgressLogger
 from run.stops import StopRequest, agree
 from run.tensorboard import TensorboardWriter
+from run.training import NonFiniteLossError, Preempted, TrainingDataError, train_one_epoch
 from utils import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, warn_once
 
 _logger = logging.getLogger('train_retrieval')
 
 # Found before any compute, identical on every rank: reported once, by rank 0, without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, SetupError, TokenizerError, utils.LaunchError)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A training loss was NaN or infinite; the step was not applied."""
-
-
-class TrainingDataError(RuntimeError):
-    """An image that passed the check before training could not be read during it (also on the retry)."""
-
-
-class Preempted(Exception):
-    """A stop was requested (signal or test hook) and every rank agreed to stop after this step."""
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -140,22 +127,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------- input checks
 def check_batch_sizes(config: dict, train_size: int, world_size: int) -> None:
-    """The queue takes whole global batches, and one global batch must fit in the training set."""
-    batch, queue = config['batch_size_train'], config['queue_size']
-    global_batch = batch * world_size
+    """The queue takes whole global batches (of every rank, virtual ones included), and one global batch must fit
+    in the training set."""
+    batch, queue, accum = config['batch_size_train'], config['queue_size'], config.get('accum_steps', 1)
+    global_batch = batch * world_size * accum
+    made_of = f'batch_size_train {batch} x {world_size} processes' + (f' x accum_steps {accum}' if accum > 1 else '')
     if queue % global_batch:
         valid = range(global_batch, 2 * queue + global_batch, global_batch)
         nearest = sorted(sorted(valid, key=lambda q: abs(q - queue))[:2])
-        fitting = [b for b in range(1, 2 * batch + 1) if queue % (b * world_size) == 0]
-        batches = sorted(sorted(fitting, key=lambda b: abs(b - batch))[:2])
+        # The other way out: the key that multiplies the global batch (accum_steps when it is in use).
+        name, value, per_unit = (('accum_steps', accum, batch * world_size) if accum > 1 else
+                                 ('batch_size_train', batch, world_size))
+        fitting = [n for n in range(1, 2 * value + 1) if queue % (n * per_unit) == 0]
+        others = sorted(sorted(fitting, key=lambda n: abs(n - value))[:2])
         raise SetupError(f"queue_size {queue} is not divisible by the global batch size {global_batch} "
-                         f"(batch_size_train {batch} x {world_size} processes); use queue_size="
+                         f"({made_of}); use queue_size="
                          f"{' or '.join(map(str, nearest))} (any multiple of {global_batch})"
-                         + (f", or batch_size_train={' or '.join(map(str, batches))}" if batches else ''))
+                         + (f", or {name}={' or '.join(map(str, others))}" if others else ''))
     if global_batch > train_size:
-        raise SetupError(f'global batch size {global_batch} (batch_size_train {batch} x {world_size} processes) is '
-                         f'larger than the {train_size} training samples; lower batch_size_train to at most '
-                         f'{max(1, train_size // world_size)}')
+        raise SetupError(f'global batch size {global_batch} ({made_of}) is larger than the {train_size} training '
+                         f'samples; lower batch_size_train to at most {max(1, train_size // (world_size * accum))}')
 
 
 def check_pretrained_for_evaluation(config: dict, args: argparse.Namespace) -> None:
@@ -186,103 +177,6 @@ def build_optimizer(model, config: dict, device: torch.device) -> torch.optim.Op
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=config['init_lr'], weight_decay=config['weight_decay'],
                              fused=device.type == 'cuda')
-
-
-# ---------------------------------------------------------------------------------------------- epochs
-def positioned_batches(iterator, epoch: int, start: int, steps_per_epoch: int):
-    """The batches of a loader's iterator; a sample that cannot be read stops the run with its epoch and step."""
-    step = start
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except DataError as error:
-            raise TrainingDataError(
-                f'epoch {epoch} step {step} (global step {epoch * steps_per_epoch + step}): '
-                f'{worker_error_message(error)}\nThe sample is not replaced by another one (that would change the '
-                f'data order that --resume relies on); {LAST_CHECKPOINT} is as last saved. Restore the file, then '
-                'continue with --resume auto.') from None
-        yield batch
-        step += 1
-
-
-def train_one_epoch(model, raw_model, loader, optimizer, config: dict, state: RunState, device: torch.device,
-                    autocast, stop: StopRequest, save_fn: Callable[[], None], writer: TensorboardWriter,
-                    trace: StepTrace, fail_at: Optional[int]) -> dict:
-    """Train the rest of `state.epoch` from `state.step`; `state` advances with every step.
-
-    Raises Preempted after the step during which a stop was requested (on any rank), and
-    NonFiniteLossError before applying a step with a non-finite loss (on any rank).
-    """
-    model.train()
-    epoch, steps_per_epoch = state.epoch, state.steps_per_epoch
-    progress = ProgressLogger(steps_per_epoch, f'Train Epoch [{epoch}]', config['log_every'])
-    sums = dict(state.train_meters)
-    lr = optimizer.param_groups[0]['lr']
-    with batches_of(loader) as iterator:
-        batches = positioned_batches(iterator, epoch, state.step, steps_per_epoch)
-        for step, (image, caption, idx) in enumerate(progress.iter(batches, start=state.step), start=state.step):
-            global_step = epoch * steps_per_epoch + step
-            image, idx = image.to(device, non_blocking=True), idx.to(device, non_blocking=True)
-            alpha = utils.ramp_alpha(config['alpha'], epoch, step, steps_per_epoch)
-            tokens = raw_model.tokenize(caption)
-            with utils.autocast_context(autocast):
-                loss_ita, loss_itm = model(image, tokens, alpha=alpha, idx=idx)
-            loss = loss_ita + loss_itm
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if fail_at == global_step + 1:
-                raise InjectedFailure(f'BLIP_FAIL_AT: injected failure on rank {utils.get_rank()} at epoch {epoch} '
-                                      f'step {step}')
-            stop.note_step(global_step + 1)
-            losses, mean_losses, stopping = reduce_step(loss_ita, loss_itm, stop.requested, device)
-            if not all(map(math.isfinite, mean_losses)):  # non-finite on some rank: every rank sees it here
-                raise NonFiniteLossError(nonfinite_message(epoch, step, steps_per_epoch, losses))
-            optimizer.step()
-            if trace.enabled:
-                trace.write(epoch=epoch, step=step, lr=lr, alpha=alpha, idx=idx.tolist(), caption=list(caption),
-                            loss_ita=losses[0], loss_itm=losses[1])
-            progress.update(loss_ita=losses[0], loss_itm=losses[1], lr=lr)
-            for name, value in (('loss_ita', mean_losses[0]), ('loss_itm', mean_losses[1]), ('lr', lr)):
-                sums[name] = sums.get(name, 0.0) + value
-            sums['count'] = sums.get('count', 0) + 1
-            state.step, state.train_meters = step + 1, sums
-            if step % config['log_every'] == 0:
-                writer.add_scalars({'train/loss_ita': mean_losses[0], 'train/loss_itm': mean_losses[1], 'train/lr': lr,
-                                    'train/alpha': alpha}, global_step)
-            if stopping:
-                raise Preempted()
-            if config['save_every_steps'] and state.step % config['save_every_steps'] == 0 \
-                    and state.step < steps_per_epoch:
-                save_fn()
-    sums = dict(sums)
-    count = max(1, sums.pop('count', 1))
-    return {name: value / count for name, value in sums.items()}
-
-
-def reduce_step(loss_ita: torch.Tensor, loss_itm: torch.Tensor, stop_requested: bool, device: torch.device
-                ) -> tuple[list[float], list[float], bool]:
-    """(this rank's losses, their mean over ranks, whether any rank asked to stop): one collective, one host sync.
-
-    The epoch's train_* statistics average the mean over ranks, as the original's synchronized meters do, so
-    log.txt does not depend on which rank writes it (and every rank's running sums, saved for resume, agree).
-    """
-    stop_flag = torch.full((), float(stop_requested), device=device)  # a fill kernel: no host-to-device copy
-    local = torch.stack([loss_ita.detach().float(), loss_itm.detach().float(), stop_flag])
-    total = utils.all_reduce_sum_(local.clone())
-    values = torch.cat([local, total]).cpu().tolist()
-    world_size = utils.get_world_size()
-    return values[:2], [v / world_size for v in values[3:5]], values[5] > 0
-
-
-def nonfinite_message(epoch: int, step: int, steps_per_epoch: int, losses: list[float]) -> str:
-    """Which step and whose losses went non-finite (collective call: every rank's losses are gathered)."""
-    per_rank = utils.all_gather_object(losses)
-    described = '; '.join(f'rank {r}: loss_ita {ita}, loss_itm {itm}' for r, (ita, itm) in enumerate(per_rank))
-    return (f'non-finite loss at epoch {epoch} step {step} (global step {epoch * steps_per_epoch + step}): '
-            f'{described}. The step was not applied and {LAST_CHECKPOINT} is left as it was; lower init_lr or use '
-            'precision fp32, then continue with --resume auto.')
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -337,7 +231,6 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
         if last_path:
             checkpoint = read_resume_checkpoint(last_path, config['allow_unsafe_checkpoint'])
             adopt_resumed_config(config, checkpoint, last_path)
-    utils.seed_everything(config['seed'] + rank)  # dropout and negative sampling: per rank, as the original
     resolve_num_workers(config, world_size)
     if utils.is_main_process():
         _logger.info('Output folder: %s', os.path.abspath(args.output_dir))
@@ -351,11 +244,16 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
     utils.run_on_main(lambda: check_images(datasets, config['image_root']), USER_ERRORS)
     if not args.evaluate:
         check_batch_sizes(config, len(datasets['train']), world_size)
+    elif config['accum_steps'] != 1 and utils.is_main_process():
+        _logger.info('accum_steps %d is ignored with --evaluate (it only changes how training steps are computed)',
+                     config['accum_steps'])
     if utils.is_main_process():
         source = 'from the resumed checkpoint' if checkpoint else (config['pretrained'] or 'random initialisation')
         _logger.info('Building the model (vit %s, %d px, text encoder %s); weights: %s', config['vit'],
                      config['image_size'], os.path.basename(config['med_config']), source)
-    # A resumed run gets its weights from the checkpoint: `pretrained` need not be there any more.
+    # A resumed run gets its weights from the checkpoint: `pretrained` need not be there any more. The same random
+    # init on every rank, queues included (DDP does not broadcast them); training draws from each rank's own stream.
+    utils.seed_everything(config['seed'])
     model = model_from_config(config, pretrained='' if checkpoint else None).to(device)
     optimizer, state = None, RunState()
     if not args.evaluate:
@@ -433,14 +331,14 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
         remove_stale_temp_files(output_dir)
         trim_log(log_path, state.epoch)
 
-    train_set = datasets['train']
-    state.steps_per_epoch = len(train_set) // world_size // config['batch_size_train']
+    train_set, accum = datasets['train'], config['accum_steps']
+    state.steps_per_epoch = len(train_set) // (world_size * accum) // config['batch_size_train']
     loader = create_train_loader(train_set, config['batch_size_train'], config['num_workers'], rank, world_size,
-                                 config['seed'])
+                                 config['seed'], accum_steps=accum)
     train_model = model
     if dist_info.distributed:
-        # Queues are identical on every rank by construction (all ranks enqueue the same gathered
-        # features), so DDP need not broadcast 2 x 57600 x 256 floats of buffers each step.
+        # Queues are identical on every rank by construction (the same init, then all ranks enqueue the same
+        # gathered features), so DDP need not broadcast 2 x 57600 x 256 floats of buffers each step.
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     resumed_at = state.epoch * state.steps_per_epoch + state.step
@@ -448,24 +346,26 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
     writer = TensorboardWriter(os.path.join(output_dir, TENSORBOARD_DIR)
                                      if config['tensorboard'] and utils.is_main_process() else None,
                                      purge_step=resumed_at or None)
-    trace = StepTrace(os.environ.get(STEP_TRACE_ENV), rank)
+    ranks = range(rank * accum, (rank + 1) * accum)  # the ranks this process plays (more than one: accum_steps)
+    traces = [StepTrace(os.environ.get(STEP_TRACE_ENV), r) for r in ranks]
     fail_at = failure_from_env(rank)
     saved_at: list[tuple[int, int]] = []
     if utils.is_main_process():
-        _logger.info('Training %d epochs of %d steps (global batch %d = %d x %d processes)%s', config['max_epoch'],
-                     state.steps_per_epoch, config['batch_size_train'] * world_size, config['batch_size_train'],
-                     world_size, f', from epoch {state.epoch} step {state.step}' if resumed_at else '')
+        _logger.info('Training %d epochs of %d steps (global batch %d = %d x %d processes%s)%s', config['max_epoch'],
+                     state.steps_per_epoch, config['batch_size_train'] * world_size * accum,
+                     config['batch_size_train'], world_size, f' x accum_steps {accum}' if accum > 1 else '',
+                     f', from epoch {state.epoch} step {state.step}' if resumed_at else '')
     report_path = None  # the best epoch's report, written by rank 0
 
     def save() -> None:
         """checkpoint_last.pth of the current position (once per position)."""
         if saved_at[-1:] != [(state.epoch, state.step)]:
-            save_last(last_path, model, optimizer, config, state)
+            save_last(last_path, model, optimizer, config, state, streams)
             saved_at.append((state.epoch, state.step))
 
-    if state.rng is not None:  # last, so that nothing above can shift the resumed random streams
-        set_rng_state(state.rng)
-        state.rng = None
+    # Last, so that nothing above can shift the random streams: each rank's from the checkpoint, or seed + rank.
+    streams = RankStreams(state.rng) if state.rng is not None else RankStreams.seeded(config['seed'], ranks)
+    state.rng = None
     with StopRequest(stop_after_steps_from_env()) as stop:
         try:
             while state.epoch < config['max_epoch']:
@@ -474,7 +374,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                                                         config['min_lr']))
                 set_loader_epoch(loader, epoch, state.step)
                 train_stats = train_one_epoch(train_model, model, loader, optimizer, config, state, device,
-                                              autocast, stop, save, writer, trace, fail_at)
+                                              autocast, stop, save, writer, traces, fail_at, streams)
                 save()  # the epoch's training is safe before its (possibly long) evaluation
                 kept = [] if config['report'] else None
                 val = evaluate_split(model, datasets['val'], config, device, autocast, kept)

@@ -17,20 +17,26 @@ class ResumableDistributedSampler(Sampler[int]):
     """Shuffled per-rank indices with ``DistributedSampler(shuffle=True, drop_last=True)`` semantics.
 
     Each epoch draws ``torch.randperm`` from a generator seeded with ``seed + epoch``, truncates it to
-    a multiple of ``world_size`` and gives rank r the indices ``[r::world_size]``. In addition,
+    a multiple of the number of ranks and gives rank r the indices ``[r::ranks]``. In addition,
     :meth:`set_start_batch` skips the first batches of the epoch so training resumes mid-epoch on
     exactly the samples it would have seen.
+
+    ``accum_steps`` N > 1: the process plays the N virtual ranks ``rank * N ... rank * N + N - 1`` of
+    ``world_size * N`` ranks, one micro-batch of ``batch_size`` each in turn: it yields, step after step,
+    each virtual rank's batch, the same samples as the process of that rank would get.
     """
 
-    def __init__(self, dataset: Sized, world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, dataset: Sized, world_size: int = 1, rank: int = 0, seed: int = 0, accum_steps: int = 1,
+                 batch_size: int = 1) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"invalid rank {rank} for world_size {world_size}")
         self.dataset_size = len(dataset)
-        self.world_size = world_size
-        self.rank = rank
+        self.world_size = world_size * accum_steps  # ranks, virtual ones included
+        self.ranks = range(rank * accum_steps, (rank + 1) * accum_steps)
+        self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
-        self.num_samples = self.dataset_size // world_size  # per rank, before skipping
+        self.num_samples = self.dataset_size // self.world_size  # per rank, before skipping
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -40,25 +46,33 @@ class ResumableDistributedSampler(Sampler[int]):
         self.epoch = epoch
 
     def set_start_batch(self, start_batch: int, batch_size: int) -> None:
-        """Skip the first ``start_batch`` batches of ``batch_size`` in the current epoch (call after set_epoch)."""
+        """Skip the first ``start_batch`` batches of ``batch_size`` (of every virtual rank) in the current epoch
+        (call after set_epoch)."""
         full_batches = self.num_samples // batch_size
         if not 0 <= start_batch <= full_batches:
             raise ValueError(
                 f"start batch {start_batch} is outside this epoch's {full_batches} batches of {batch_size}"
             )
-        self._skip = start_batch * batch_size
+        self._skip = start_batch * batch_size * len(self.ranks)
 
     def _rank_indices(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
         total = self.num_samples * self.world_size
-        return order[:total][self.rank:total:self.world_size]
+        shares = [order[:total][rank:total:self.world_size] for rank in self.ranks]
+        if len(shares) == 1:
+            return shares[0]
+        batch = self.batch_size  # micro-batches in turn; the last incomplete batch is dropped, as drop_last does
+        return [i for start in range(0, self.num_samples // batch * batch, batch)
+                for share in shares for i in share[start:start + batch]]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._rank_indices()[self._skip:])
 
     def __len__(self) -> int:
-        return self.num_samples - self._skip
+        if len(self.ranks) == 1:
+            return self.num_samples - self._skip
+        return self.num_samples // self.batch_size * self.batch_size * len(self.ranks) - self._skip
 
 
 class ShardSampler(Sampler[int]):
@@ -156,20 +170,25 @@ def create_train_loader(
     seed: int,
     epoch: int = 0,
     start_batch: int = 0,
+    accum_steps: int = 1,
 ) -> DataLoader:
     """Training loader over this rank's shuffled share, starting at ``start_batch`` of ``epoch``.
 
+    With ``accum_steps`` N each step is N consecutive batches, those of this process's virtual ranks
+    (see :class:`ResumableDistributedSampler`); ``start_batch`` counts steps.
     Workers are not persistent, so the epoch set on the dataset (see :func:`set_loader_epoch`)
     reaches them each time the loader is iterated.
     """
     size = len(dataset)
-    if batch_size * world_size > size:
+    if batch_size * world_size * accum_steps > size:
         name = getattr(dataset, "name", type(dataset).__name__)
+        accum = f" x accum_steps {accum_steps}" if accum_steps > 1 else ""
         raise ValueError(
-            f"batch size {batch_size} x {world_size} processes is larger than the {size} training samples "
+            f"batch size {batch_size} x {world_size} processes{accum} is larger than the {size} training samples "
             f"in {name}; lower batch_size_train or use more data"
         )
-    sampler = ResumableDistributedSampler(dataset, world_size=world_size, rank=rank, seed=seed)
+    sampler = ResumableDistributedSampler(dataset, world_size=world_size, rank=rank, seed=seed,
+                                          accum_steps=accum_steps, batch_size=batch_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -211,4 +230,6 @@ def create_eval_loader(
         pin_memory=_pin_memory(),
         drop_last=False,
         worker_init_fn=ignore_stop_signals,
+        # Its own generator: evaluating must not draw from the global RNG (each rank's training stream).
+        generator=torch.Generator().manual_seed(0),
     )

@@ -18,8 +18,7 @@ from transformers import BertConfig
 import utils
 from models.checkpoint import MOMENTUM_PAIRS, load_pretrained
 from models.hf import is_hf_source, load_hf_pretrained
-from models.losses import (distilled_targets, hard_negative_weights, itc_loss, itm_loss,
-                           same_id_targets)
+from models.losses import distilled_targets, hard_negative_weights, itc_loss, itm_loss, same_id_targets
 from models.med import TextEncoder, load_med_config
 from models.tokenizer import (DEFAULT_TOKENIZER, check_vocab_size, init_tokenizer, tokenize, trim_padding,
                               with_enc_token)
@@ -37,8 +36,58 @@ class TrainOutputs:
     loss_ita: torch.Tensor
     loss_itm: torch.Tensor
     itm_logits: torch.Tensor       # (3B, 2): positives, text+negative image, image+negative text
-    neg_image_idx: torch.Tensor    # (B,) negative image (index into the gathered batch) for each text
+    neg_image_idx: torch.Tensor    # (B,) negative image (index into the candidates) for each text
     neg_text_idx: torch.Tensor     # (B,) negative text for each image
+    no_negative: torch.Tensor      # (2B,) bool: that negative pair had no candidate and is left out of loss_itm
+
+
+@dataclass
+class NegativeCandidates:
+    """What a batch's hard negatives are drawn from: the batch itself, or the batches of every rank of the step."""
+    idx: torch.Tensor               # (K,) image ids
+    image_feat: torch.Tensor        # (K, embed_dim), for the sampling weights only
+    text_feat: torch.Tensor         # (K, embed_dim)
+    image_embeds: torch.Tensor      # (K, 1+P, D): a negative's gradient flows back to the batch that owns it
+    input_ids: torch.Tensor         # (K, L), starting with [ENC]
+    attention_mask: torch.Tensor    # (K, L)
+
+
+class Ranks:
+    """How one rank's batch meets the other batches of a training step; this default: every rank is a process.
+
+    A step shares two things across ranks: the momentum features that fill the queue, and (with
+    `negative_all_rank`) the candidates of the hard negatives. Here both go through all-gathers (utils), and
+    every forward updates the momentum encoders, as in the original. models/virtual_ranks.py plays several ranks
+    in one process by overriding these four methods.
+    """
+
+    no_negative: Optional[torch.Tensor] = None  # (2B,) once forward_train ran: negative pairs without a candidate
+
+    def momentum_features(self, model: 'BLIP_Retrieval', image: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model.momentum_update()
+        return model.momentum_features(image, input_ids, attention_mask)
+
+    def share_momentum_features(self, model: 'BLIP_Retrieval', image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
+                                idx: torch.Tensor) -> None:
+        model.enqueue(gather_batch(image_feat_m), gather_batch(text_feat_m), gather_batch(idx))
+
+    def negative_candidates(self, model: 'BLIP_Retrieval', idx: torch.Tensor, image_feat: torch.Tensor,
+                            text_feat: torch.Tensor, image_embeds: torch.Tensor, itm_ids: torch.Tensor,
+                            attention_mask: torch.Tensor) -> NegativeCandidates:
+        if not (model.negative_all_rank and utils.get_world_size() > 1):
+            return NegativeCandidates(idx, image_feat, text_feat, image_embeds, itm_ids, attention_mask)
+        # Negatives may live on other ranks: gathered, their gradients flow back to their owner.
+        return NegativeCandidates(gather_batch(idx), gather_batch(image_feat), gather_batch(text_feat),
+                                  utils.all_gather_with_grad(image_embeds), gather_batch(itm_ids),
+                                  gather_batch(attention_mask))
+
+    def hard_negatives(self, model: 'BLIP_Retrieval', idx: torch.Tensor, image_feat: torch.Tensor,
+                       text_feat: torch.Tensor, candidates: NegativeCandidates
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        negatives = model.hard_negatives(idx, image_feat, text_feat, candidates)
+        self.no_negative = negatives[2]
+        return negatives
 
 
 class BLIP_Retrieval(nn.Module):
@@ -134,15 +183,20 @@ class BLIP_Retrieval(nn.Module):
         return fp32_head(self.itm_head, hidden[:, 0, :])
 
     # ------------------------------------------------------------------ training
-    def forward(self, image: torch.Tensor, caption, alpha: float, idx: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, caption, alpha: float, idx: torch.Tensor,
+                ranks: Optional[Ranks] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The original call: `caption` is a list of strings or a pre-tokenized (input_ids, attention_mask)."""
         input_ids, attention_mask = self._as_tokens(caption)
-        out = self.forward_train(image, input_ids, attention_mask, alpha, idx)
+        out = self.forward_train(image, input_ids, attention_mask, alpha, idx, ranks)
         return out.loss_ita, out.loss_itm
 
     def forward_train(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      alpha: float, idx: torch.Tensor) -> TrainOutputs:
+                      alpha: float, idx: torch.Tensor, ranks: Optional[Ranks] = None) -> TrainOutputs:
+        """One rank's part of a training step, in the original's order of computation and of random draws.
+
+        `ranks` says how this batch meets the other ranks' batches (default: `Ranks()`, one process per rank).
+        """
+        ranks = ranks or Ranks()
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         idx = idx.view(-1)
@@ -151,81 +205,85 @@ class BLIP_Retrieval(nn.Module):
         image_embeds, image_feat = self.encode_image(image)
         # The straightforward path computes every token in the last layer too, as the original (and draws the
         # same dropout masks); the fast path only the first token, the only one the losses read.
-        cls_only = self.fast_path
-        text_feat = self.encode_text(input_ids, attention_mask, cls_only=cls_only)
+        text_feat = self.encode_text(input_ids, attention_mask, cls_only=self.fast_path)
+        with torch.no_grad():
+            image_feat_m, text_feat_m = ranks.momentum_features(self, image, input_ids, attention_mask)
+        loss_ita = self.contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, idx, alpha)
+        ranks.share_momentum_features(self, image_feat_m, text_feat_m, idx)
 
-        # ITC against the current batch followed by the queue, positives = same image id.
+        itm_ids = with_enc_token(input_ids, self.enc_token_id)
+        logits_pos = None
+        if not self.fast_path:  # the original's order: positives first (their dropout draws precede sampling)
+            logits_pos = self.match_logits(itm_ids, attention_mask, image_embeds=image_embeds, cls_only=False)
+        candidates = ranks.negative_candidates(self, idx, image_feat, text_feat, image_embeds, itm_ids, attention_mask)
+        neg_image_idx, neg_text_idx, no_negative = ranks.hard_negatives(self, idx, image_feat, text_feat, candidates)
+        itm_logits = self.itm_logits(image_embeds, itm_ids, attention_mask, candidates, neg_image_idx, neg_text_idx,
+                                     logits_pos)
+        loss_itm = itm_loss(itm_logits, image.shape[0], no_negative)
+        return TrainOutputs(loss_ita, loss_itm, itm_logits, neg_image_idx, neg_text_idx, no_negative)
+
+    def contrastive_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
+                         text_feat_m: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
+        """ITC against the batch's momentum features followed by the queue, positives = same image id."""
         targets = same_id_targets(idx, torch.cat([idx, self.idx_queue[0]]))
         with torch.no_grad():
-            self.momentum_update()
-            image_feat_m = F.normalize(fp32_head(self.vision_proj_m, self.visual_encoder_m(image)[:, 0, :]), dim=-1)
-            text_hidden_m = self.text_encoder_m(input_ids, attention_mask, cls_only=cls_only)
-            text_feat_m = F.normalize(fp32_head(self.text_proj_m, text_hidden_m[:, 0, :]), dim=-1)
             image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
             text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
             targets_i2t = distilled_targets(image_feat_m @ text_feat_m_all / self.temp, targets, alpha)
             targets_t2i = distilled_targets(text_feat_m @ image_feat_m_all / self.temp, targets, alpha)
         sim_i2t = image_feat @ text_feat_m_all / self.temp
         sim_t2i = text_feat @ image_feat_m_all / self.temp
-        loss_ita = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+        return itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
 
-        idx_world = gather_batch(idx)
-        self.enqueue(image_feat_m, text_feat_m, idx_world)
+    @torch.no_grad()
+    def hard_negatives(self, idx: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor,
+                       candidates: NegativeCandidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(negative image per text, negative text per image, (2B,) no-negative flags), drawn by similarity.
 
-        itm_logits, neg_image_idx, neg_text_idx = self._itm_logits(
-            image_embeds, image_feat, text_feat, input_ids, attention_mask, idx, idx_world)
-        loss_itm = itm_loss(itm_logits, image.shape[0])
-        return TrainOutputs(loss_ita, loss_itm, itm_logits, neg_image_idx, neg_text_idx)
+        A row whose candidates of another image all have weight 0 (every candidate shows its own image, or the
+        softmax underflowed) has no negative: the original stopped with `invalid multinomial distribution`. Such a
+        row draws from uniform weights instead, so that the random stream advances as for any row, and is flagged:
+        its negative pair is left out of the matching loss.
+        """
+        same_id = idx[:, None] == candidates.idx[None, :]
+        weights_i2t = hard_negative_weights(image_feat @ candidates.text_feat.t() / self.temp, same_id)
+        weights_t2i = hard_negative_weights(text_feat @ candidates.image_feat.t() / self.temp, same_id)
+        no_image, no_text = weights_t2i.sum(dim=1) == 0, weights_i2t.sum(dim=1) == 0
+        weights_t2i = weights_t2i.masked_fill(no_image[:, None], 1.0)  # no host sync: a no-op for valid rows
+        weights_i2t = weights_i2t.masked_fill(no_text[:, None], 1.0)
+        neg_image_idx, neg_text_idx = self.sample_hard_negatives(weights_t2i, weights_i2t)
+        return neg_image_idx, neg_text_idx, torch.cat([no_image, no_text])
 
-    def _itm_logits(self, image_embeds, image_feat, text_feat, input_ids, attention_mask, idx, idx_world):
-        """Matching logits of the positives and of one hard negative per text and per image.
+    def itm_logits(self, image_embeds: torch.Tensor, itm_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   candidates: NegativeCandidates, neg_image_idx: torch.Tensor, neg_text_idx: torch.Tensor,
+                   logits_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Matching logits (3B, 2) of the positives and of one hard negative per text and per image.
 
-        The straightforward path runs the positive pass before sampling, as the original does, so in train mode
-        it draws the same dropout masks and negatives from the same seed. The fast path scores all 3B rows in
+        The straightforward path passes `logits_pos`, computed before sampling as the original does, so in train
+        mode it draws the same dropout masks and negatives from the same seed. The fast path scores all 3B rows in
         one pass after sampling: the same distribution, another order of random draws.
         """
-        batch = image_embeds.shape[0]
-        itm_ids = with_enc_token(input_ids, self.enc_token_id)
-        all_rank = self.negative_all_rank and utils.get_world_size() > 1
-        if not self.fast_path:  # the original's order: positives first (their dropout draws precede sampling)
-            logits_pos = self.match_logits(itm_ids, attention_mask, image_embeds=image_embeds, cls_only=False)
-        with torch.no_grad():
-            if all_rank:
-                same_id = idx[:, None] == idx_world[None, :]
-                text_feat_cands, image_feat_cands = gather_batch(text_feat), gather_batch(image_feat)
-            else:
-                same_id = idx[:, None] == idx[None, :]
-                text_feat_cands, image_feat_cands = text_feat, image_feat
-            weights_i2t = hard_negative_weights(image_feat @ text_feat_cands.t() / self.temp, same_id)
-            weights_t2i = hard_negative_weights(text_feat @ image_feat_cands.t() / self.temp, same_id)
-            neg_image_idx, neg_text_idx = self.sample_hard_negatives(weights_t2i, weights_i2t)
-
-        if all_rank:  # negatives may live on other ranks: gather (gradients flow back to their owner)
-            image_embeds_cands = utils.all_gather_with_grad(image_embeds)
-            ids_cands, mask_cands = gather_batch(itm_ids), gather_batch(attention_mask)
-        else:
-            image_embeds_cands, ids_cands, mask_cands = image_embeds, itm_ids, attention_mask
         # index_select, not x[idx]: the backward of advanced indexing adds the gradients of repeated negatives
         # with parallel atomics on the CPU, in a different order each run; index_select's backward does not.
-        neg_ids, neg_mask = ids_cands.index_select(0, neg_text_idx), mask_cands.index_select(0, neg_text_idx)
-
+        neg_ids = candidates.input_ids.index_select(0, neg_text_idx)
+        neg_mask = candidates.attention_mask.index_select(0, neg_text_idx)
         # Rows: (text b, image b), (text b, its negative image), (negative text of image b, image b).
         ids = torch.cat([itm_ids, itm_ids, neg_ids])
         mask = torch.cat([attention_mask, attention_mask, neg_mask])
         if self.fast_path:
             kv_local = self.image_kv(image_embeds)
-            if all_rank:
-                kv_neg = self.image_kv(image_embeds_cands.index_select(0, neg_image_idx))
-            else:
+            if candidates.image_embeds is image_embeds:  # negatives from this batch: their keys/values are computed
                 kv_neg = [(k.index_select(0, neg_image_idx), v.index_select(0, neg_image_idx)) for k, v in kv_local]
+            else:
+                kv_neg = self.image_kv(candidates.image_embeds.index_select(0, neg_image_idx))
             kv = [(torch.cat([k, k_neg, k]), torch.cat([v, v_neg, v]))
                   for (k, v), (k_neg, v_neg) in zip(kv_local, kv_neg)]
-            logits = self.match_logits(ids, mask, image_kv=kv)  # first token only in the last layer
-        else:  # the straightforward path: each pass projects its image tokens again
-            images_neg = torch.cat([image_embeds_cands.index_select(0, neg_image_idx), image_embeds])
-            logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg, cls_only=False)
-            logits = torch.cat([logits_pos, logits_neg])
-        return logits, neg_image_idx, neg_text_idx
+            return self.match_logits(ids, mask, image_kv=kv)  # first token only in the last layer
+        # The straightforward path: each pass projects its image tokens again.
+        batch = image_embeds.shape[0]
+        images_neg = torch.cat([candidates.image_embeds.index_select(0, neg_image_idx), image_embeds])
+        logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg, cls_only=False)
+        return torch.cat([logits_pos, logits_neg])
 
     def sample_hard_negatives(self, weights_t2i: torch.Tensor, weights_i2t: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,10 +312,16 @@ class BLIP_Retrieval(nn.Module):
         torch._foreach_lerp_(momentum, online, 1.0 - self.momentum)
 
     @torch.no_grad()
-    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx_world: torch.Tensor) -> None:
-        """Write the momentum features of all ranks at the queue pointer and advance it."""
-        image_feats = gather_batch(image_feat_m)
-        text_feats = gather_batch(text_feat_m)
+    def momentum_features(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized contrastive features of the momentum encoders, (B, embed_dim) each."""
+        image_feat_m = F.normalize(fp32_head(self.vision_proj_m, self.visual_encoder_m(image)[:, 0, :]), dim=-1)
+        text_hidden_m = self.text_encoder_m(input_ids, attention_mask, cls_only=self.fast_path)
+        return image_feat_m, F.normalize(fp32_head(self.text_proj_m, text_hidden_m[:, 0, :]), dim=-1)
+
+    @torch.no_grad()
+    def enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, idx_world: torch.Tensor) -> None:
+        """Write the momentum features of all ranks (gathered, in rank order) at the queue pointer and advance it."""
         batch = image_feats.shape[0]
         if self.queue_size % batch:
             raise ValueError(f'queue_size {self.queue_size} must be divisible by the global batch size {batch}')

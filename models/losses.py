@@ -5,8 +5,12 @@ ITM: 2-way matching loss on positives and hard negatives sampled by contrastive 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+IGNORED_LABEL = -100  # cross_entropy's default ignore_index
 
 
 def same_id_targets(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
@@ -36,8 +40,14 @@ def hard_negative_weights(sim: torch.Tensor, same_id: torch.Tensor) -> torch.Ten
     return F.softmax(sim.float(), dim=1).masked_fill(same_id, 0)
 
 
-def itm_loss(logits: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Cross-entropy of the 2-way head: the first `batch_size` rows are matches, the rest negatives."""
+def itm_loss(logits: torch.Tensor, batch_size: int, no_negative: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy of the 2-way head: the first `batch_size` rows are matches, the rest negatives.
+
+    `no_negative` flags negative rows that had no candidate: they are left out of the mean (an ignored label, so
+    that with none flagged the loss is computed exactly as without them).
+    """
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:batch_size] = 1
-    return F.cross_entropy(logits, labels)
+    if no_negative is not None:
+        labels[batch_size:] = labels[batch_size:].masked_fill(no_negative, IGNORED_LABEL)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORED_LABEL)

@@ -1,12 +1,13 @@
 """checkpoint_last.pth and checkpoint_best.pth: their payloads (written atomically), the run state with every
-rank's RNG, and exact resume."""
+rank's RNG (virtual ranks included), and exact resume."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ class RunState:
     best_test: dict = field(default_factory=dict)
     train_meters: dict = field(default_factory=dict)  # running sums of the epoch in progress
     steps_per_epoch: int = 0
-    rng: Optional[dict] = None  # this rank's RNG state to restore just before training (resume only)
+    rng: Optional[list[dict]] = None  # this process's ranks' RNG states to restore before training (resume only)
 
 
 def rng_state() -> dict:
@@ -62,18 +63,66 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def save_last(path: str, model, optimizer, config: dict, state: RunState) -> None:
-    """checkpoint_last.pth for --resume: every rank's RNG state goes in (collective call)."""
-    rng_states = utils.all_gather_object(rng_state())
+class RankStreams:
+    """The random streams of the ranks this process plays (one, or `accum_steps` virtual ranks).
+
+    Rank v draws dropout and hard negatives from its own stream, seeded `seed + v` when training starts (or
+    restored by a resume), whether it is a process or one of several virtual ranks of a process: a run of P
+    processes x accum_steps N draws what P x N processes draw. One rank's stream is simply the live RNG; several
+    are swapped in and out around each use (`playing`).
+    """
+
+    def __init__(self, states: list[dict]):
+        self.states = states
+        if len(states) == 1:
+            set_rng_state(states[0])
+
+    @classmethod
+    def seeded(cls, seed: int, ranks: range) -> 'RankStreams':
+        states = []
+        for rank in ranks:
+            utils.seed_everything(seed + rank)
+            states.append(rng_state())
+        return cls(states)
+
+    @contextlib.contextmanager
+    def playing(self, j: int) -> Iterator[None]:
+        """Draw from the stream of this process's j-th rank."""
+        if len(self.states) == 1:
+            yield
+            return
+        set_rng_state(self.states[j])
+        yield
+        self.states[j] = rng_state()
+
+    def current(self) -> list[dict]:
+        """Every stream as it stands (for checkpoint_last.pth, and to go back to the start of a step)."""
+        return [rng_state()] if len(self.states) == 1 else list(self.states)
+
+    def restore(self, states: list[dict]) -> None:
+        self.states = list(states)
+        if len(states) == 1:
+            set_rng_state(states[0])
+
+
+def save_last(path: str, model, optimizer, config: dict, state: RunState,
+              streams: Optional[RankStreams] = None) -> None:
+    """checkpoint_last.pth for --resume: every rank's RNG state goes in, virtual ranks in rank order
+    (collective call)."""
+    local = streams.current() if streams is not None else [rng_state()]
+    rng_states = [rng for states in utils.all_gather_object(local) for rng in states]
+    accum_steps = config.get('accum_steps', 1)
     if utils.is_main_process():
         atomic_torch_save({
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': config,
             'epoch': state.epoch, 'step': state.step, 'steps_per_epoch': state.steps_per_epoch,
             'best_r_mean': state.best_r_mean, 'best_epoch': state.best_epoch, 'best_test': state.best_test,
             'train_meters': state.train_meters, 'rng_states': rng_states, 'world_size': utils.get_world_size(),
+            'accum_steps': accum_steps,
             # The data order is a function of these alone (sampler and augmentation are seeded per epoch).
             'data_order': {'seed': config['seed'], 'epoch': state.epoch, 'start_batch': state.step,
-                           'batch_size_train': config['batch_size_train'], 'world_size': utils.get_world_size()},
+                           'batch_size_train': config['batch_size_train'], 'world_size': utils.get_world_size(),
+                           'accum_steps': accum_steps},
         }, path)
         _logger.info('Saved %s (epoch %d, step %d)', path, state.epoch, state.step)
 
@@ -121,7 +170,8 @@ def adopt_resumed_config(config: dict, checkpoint: dict, path: str) -> None:
         utils.warn_once('Resuming with the checkpoint\'s seed %d (not %d): the data order depends on it',
                   saved['seed'], config['seed'])
         config['seed'] = saved['seed']
-    changed = sorted(k for k in config if k in saved and saved[k] != config[k])
+    # accum_steps is checked with the number of processes (load_resume_state): a run resumes exactly or not at all.
+    changed = sorted(k for k in config if k in saved and saved[k] != config[k] and k != 'accum_steps')
     describe = lambda keys: ', '.join(f'{k}: {saved[k]!r} -> {config[k]!r}' for k in keys)
     neutral = [k for k in changed if k in RESULT_NEUTRAL_KEYS]
     significant = [k for k in changed if k not in RESULT_NEUTRAL_KEYS]
@@ -164,8 +214,17 @@ def load_resume_state(checkpoint: dict, path: str, model, optimizer, config: dic
                      best_epoch=checkpoint['best_epoch'], best_test=checkpoint['best_test'],
                      train_meters=checkpoint['train_meters'])
     saved_world, saved_batch = checkpoint['world_size'], checkpoint['config']['batch_size_train']
-    if (saved_world, saved_batch) == (world_size, config['batch_size_train']):
-        state.rng = checkpoint['rng_states'][rank]
+    saved_accum, accum = checkpoint.get('accum_steps', 1), config['accum_steps']
+    if (saved_world * saved_accum, saved_batch) == (world_size * accum, config['batch_size_train']):
+        # The same ranks (virtual or not): the same data split, and each rank's own random stream.
+        state.rng = checkpoint['rng_states'][rank * accum:(rank + 1) * accum]
+        if (saved_world, saved_accum) != (world_size, accum) and utils.is_main_process():
+            _logger.info('Resuming the %d ranks of a run of %d process(es) x accum_steps %d as %d x %d: the same '
+                         'data and random streams in every step', world_size * accum, saved_world, saved_accum,
+                         world_size, accum)
+    elif saved_accum > 1 or accum > 1:
+        raise SetupError(another_split_message(path, (saved_world, saved_accum, saved_batch),
+                                               (world_size, accum, config['batch_size_train'])))
     else:
         # Same position in samples; with an unchanged global batch every global step sees the same
         # samples as before (rank r takes every world_size-th index of the same permutation).
@@ -181,6 +240,19 @@ def load_resume_state(checkpoint: dict, path: str, model, optimizer, config: dic
         # Fresh, reproducible random streams (the saved ones belong to other ranks).
         seed = np.random.SeedSequence([config['seed'], rank, state.epoch, state.step]).generate_state(1)[0]
         utils.seed_everything(int(seed))
+        state.rng = [rng_state()]
     _logger.info('Resuming from %s at epoch %d step %d (best val r_mean %.2f at epoch %d)', path, state.epoch,
                  state.step, state.best_r_mean, state.best_epoch)
     return state
+
+
+def another_split_message(path: str, saved: tuple[int, int, int], now: tuple[int, int, int]) -> str:
+    """Why a checkpoint of other ranks (processes x accum_steps, batch) cannot continue under accum_steps."""
+    (saved_world, saved_accum, saved_batch), (world, accum, batch) = saved, now
+    ranks = saved_world * saved_accum
+    fits = f'accum_steps={ranks // world} with {world} process(es)' if ranks % world == 0 else \
+        f'processes x accum_steps = {ranks}'
+    return (f'--resume {path}: that run has {saved_world} process(es) x accum_steps {saved_accum} = {ranks} ranks of '
+            f'batch_size_train {saved_batch}; this one {world} x {accum} = {world * accum} ranks of {batch}, so every '
+            f'rank\'s share of the data would differ. Resume with {fits} and batch_size_train={saved_batch} (the same '
+            'run, step for step), or start a new run in another --output_dir.')

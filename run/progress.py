@@ -67,6 +67,7 @@ class ProgressLogger:
         self.header = header
         self.log_every = max(1, log_every)
         self.meters: dict[str, SmoothedValue] = {}
+        self.counts: dict[str, int] = {}  # events counted over the loop, shown once they happened
         self.step_time = SmoothedValue()
         self._start = time.time()
         self._last_logged: int | None = None
@@ -75,6 +76,9 @@ class ProgressLogger:
         """Record scalars (floats, ints or one-element tensors) for the current step."""
         for name, value in scalars.items():
             self.meters.setdefault(name, SmoothedValue()).update(_to_float(value))
+
+    def add_count(self, name: str, count: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + count
 
     def _seconds_per_step(self, step: int) -> float:
         if self.step_time.count:
@@ -91,6 +95,7 @@ class ProgressLogger:
                 parts.append(f"{name} {meter.value:.6f}")
             else:
                 parts.append(f"{name} {meter.median:.4f} ({meter.global_avg:.4f})")
+        parts += [f"{name} {count}" for name, count in self.counts.items()]
         parts.append(f"time {per_step:.3f} s/it")
         return " ".join(parts)
 

@@ -363,6 +363,21 @@ def test_sampler_start_batch_gives_the_tail_of_the_epoch():
         sampler.set_start_batch(6, batch_size=4)
 
 
+def test_accum_steps_loader_gives_each_virtual_rank_the_batches_of_that_rank():
+    """2 processes x accum_steps 2: micro-batch j of step s of process p is batch s of rank 2p + j of 4 ranks;
+    a resumed epoch starts at a step (all micro-batches of it)."""
+    dataset = _IndexDataset(43)  # 10 per rank, 2 batches of 4 and 2 left over
+    ranks = [[idx.tolist() for _, _, idx in create_train_loader(dataset, 4, 0, rank=r, world_size=4, seed=3,
+                                                                 epoch=1)] for r in range(4)]
+    for process in range(2):
+        loader = create_train_loader(dataset, 4, 0, rank=process, world_size=2, seed=3, epoch=1, accum_steps=2)
+        micro = [idx.tolist() for _, _, idx in loader]
+        assert len(loader) == len(micro) == 4
+        assert micro == [ranks[2 * process + j][step] for step in range(2) for j in range(2)]
+        set_loader_epoch(loader, 1, start_batch=1)
+        assert [idx.tolist() for _, _, idx in loader] == micro[2:]
+
+
 def test_train_loader_resume_yields_remaining_batches():
     dataset = _IndexDataset(30)
     full = [idx.tolist() for _, _, idx in create_train_loader(dataset, 4, 0, rank=0, world_size=2, seed=5, epoch=2)]

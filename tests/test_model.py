@@ -192,6 +192,24 @@ def test_every_trainable_parameter_gets_a_finite_gradient_and_momentum_only_ema(
             assert p.grad.abs().sum() > 0, name
 
 
+def test_a_batch_without_negatives_leaves_them_out_of_the_matching_loss(tiny_model, golden):
+    """Every sample shows one image, so no hard negative exists (the original stops with `invalid multinomial
+    distribution`): the negative pairs are flagged and left out, and loss_itm is the positives' loss alone."""
+    tiny_model.train()
+    images = t(golden['images'])[:1].expand(4, -1, -1, -1)
+    ids, mask = tiny_model.tokenize(golden['captions'][:4])
+    torch.manual_seed(0)
+    out = tiny_model.forward_train(images, ids, mask, 0.4, torch.zeros(4, dtype=torch.long))
+    assert out.no_negative.tolist() == [True] * 8
+    positives = F.cross_entropy(out.itm_logits[:4], torch.ones(4, dtype=torch.long))
+    assert out.loss_itm.item() == pytest.approx(positives.item(), rel=1e-6)
+    (out.loss_ita + out.loss_itm).backward()
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
+    # Two images: every row has a negative, nothing is left out.
+    out = tiny_model.forward_train(images, ids, mask, 0.4, torch.tensor([0, 0, 1, 1]))
+    assert not out.no_negative.any()
+
+
 def test_position_embedding_resized_like_by_hand(tmp_path, golden_checkpoint):
     state = torch.load(golden_checkpoint, weights_only=True)['model']  # made at 32 px: 2x2 patches
     kwargs = dict(TINY_KWARGS, image_size=64)  # 4x4 patches
