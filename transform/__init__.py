@@ -5,6 +5,7 @@ on tensors gives slightly different pixels from the original BLIP preprocessing.
 """
 from __future__ import annotations
 
+import install_check  # noqa: F401 - first: a mismatched torch/torchvision stops here in one line
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
