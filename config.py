@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "precision": "tf32",
     "eval_mode": "fast",
     "eval_pair_batch": None,  # None: 1024 on a GPU, 256 on the CPU
+    "eval_every": 1,  # fine-tuning: evaluate val every N epochs, and always after the last one
+    "eval_test_every_epoch": False,  # fine-tuning: test every time val is evaluated, not only when val improves
     "compile": False,
     "seed": None,
     "log_every": 50,
@@ -62,7 +64,8 @@ _ALL_KEYS = REQUIRED_KEYS + tuple(DEFAULTS)
 # checkpoint_last.pth, not `pretrained`): changing them on --resume is not worth a warning. The evaluation path
 # and batching and torch.compile change results only by rounding.
 RESULT_NEUTRAL_KEYS = ("log_every", "tensorboard", "num_workers", "save_every_steps", "pretrained", "sha256",
-                       "allow_unsafe_checkpoint", "eval_mode", "eval_pair_batch", "compile")
+                       "allow_unsafe_checkpoint", "eval_mode", "eval_pair_batch", "compile", "eval_every",
+                       "eval_test_every_epoch")
 
 
 class ConfigError(ValueError):
@@ -191,6 +194,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "precision": _choice(PRECISIONS),
     "eval_mode": _choice(EVAL_MODES),
     "eval_pair_batch": _optional(_as_int),
+    "eval_every": _as_int,
+    "eval_test_every_epoch": _as_bool,
     "compile": _as_bool,
     "seed": _optional(_as_int),
     "log_every": _as_int,
@@ -214,7 +219,7 @@ def _check_range(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key '{key}' must be {rule}, got {config[key]!r}")
 
     for key in ("batch_size_train", "batch_size_test", "image_size", "queue_size",
-                "embed_dim", "log_every", "max_words"):
+                "embed_dim", "log_every", "max_words", "eval_every"):
         require(config[key] > 0, key, "> 0")
     require(config["eval_pair_batch"] is None or config["eval_pair_batch"] > 0, "eval_pair_batch", "> 0 or null")
     for key in ("vit_ckpt_layer", "save_every_steps", "max_epoch", "init_lr", "min_lr", "weight_decay"):
@@ -222,7 +227,7 @@ def _check_range(config: dict[str, Any]) -> None:
     require(config["num_workers"] is None or config["num_workers"] >= 0, "num_workers", ">= 0 or null")
     require(0.0 <= config["alpha"] <= 1.0, "alpha", "between 0 and 1")
     require(0.0 <= config["momentum"] <= 1.0, "momentum", "between 0 and 1")
-    require(config["k_test"] >= 1, "k_test", ">= 1")
+    require(config["k_test"] >= 0, "k_test", ">= 0 (0: the contrastive-only protocol, no matching head)")
     require(config["accum_steps"] >= 1, "accum_steps", ">= 1 (1: one batch per process and step)")
     require(config["report_queries"] >= 1, "report_queries", ">= 1 (set report: false to write no report)")
     require(16 <= config["report_thumb_px"] <= 1024, "report_thumb_px", "between 16 and 1024 pixels")

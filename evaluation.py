@@ -7,6 +7,9 @@ Protocol: contrastive features for every image and text; for each image the `k_t
 similarity (and for each text the `k_test` best images) are re-scored as matching logit (class 1) + similarity;
 every other entry is -100.
 
+`k_test: 0` is the contrastive-only protocol (`itc`): the score is the similarity itself, the matching head
+never runs (a quick look, or a sweep); any other `k_test` is the paper's protocol (`itm`).
+
 Two paths compute the same matrices:
 - `reference`: the original's loop, one query at a time, projecting the image tokens for every pair.
 - `fast`: every distinct (image, text) pair of both directions is scored once, in batches of pairs grouped by
@@ -42,6 +45,18 @@ TEXTS_PER_KV = 32
 DEFAULT_PAIR_BATCH = {'cuda': 1024, 'cpu': 256}
 
 
+def protocol(k_test: int) -> str:
+    """'itc' for `k_test` 0 (score = contrastive similarity, no matching head), else 'itm' (top-k re-ranked)."""
+    return 'itc' if k_test == 0 else 'itm'
+
+
+def describe_protocol(k_test: int) -> str:
+    """The protocol in words, for summaries and the report: 'protocol: itm (k_test 128: ...)'."""
+    if k_test == 0:
+        return 'protocol: itc (k_test 0: score = contrastive similarity, no matching head)'
+    return f'protocol: itm (k_test {k_test}: the matching head re-ranks each query\'s {k_test} best by similarity)'
+
+
 def pair_batch_for(device: torch.device, pair_batch: Optional[int] = None) -> int:
     """`eval_pair_batch` as given, or the default of the device type (null in the config)."""
     return pair_batch or DEFAULT_PAIR_BATCH.get(device.type, 1024)
@@ -72,9 +87,11 @@ def text_features(model, texts: list[str], device: torch.device, autocast: Calla
 
 
 @torch.no_grad()
-def image_features(model, loader: Iterable, device: torch.device, autocast: Callable = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def image_features(model, loader: Iterable, device: torch.device, autocast: Callable = None, with_tokens: bool = True
+                   ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """(image tokens (N, 1+P, D), image_feat (N, E)) for all images; `loader` yields this rank's shard.
+
+    `with_tokens=False` (the contrastive-only protocol): the tokens are neither kept nor gathered (None).
 
     Under bf16 autocast the image tokens are kept in bf16: the matching passes only read them through the
     cross-attention key/value projections, which autocast feeds bf16 anyway, so the fast path's scores are
@@ -88,14 +105,15 @@ def image_features(model, loader: Iterable, device: torch.device, autocast: Call
         for image, _ in batches:
             with utils.autocast_context(autocast):
                 image_embeds, image_feat = model.encode_image(image.to(device, non_blocking=True))
-            embeds.append(image_embeds.to(tokens_dtype or image_embeds.dtype))
+            if with_tokens:
+                embeds.append(image_embeds.to(tokens_dtype or image_embeds.dtype))
             feats.append(image_feat.float())
-    if not embeds:  # an empty shard still joins the gathers, with the others' shape and dtype
+    if not feats:  # an empty shard still joins the gathers, with the others' shape and dtype
         tokens = model.visual_encoder.pos_embed.shape[1]
         width = model.visual_encoder.embed_dim
         embeds = [torch.zeros((0, tokens, width), dtype=tokens_dtype or torch.float32, device=device)]
         feats = [torch.zeros((0, model.vision_proj.out_features), device=device)]
-    return utils.all_gather_cat(torch.cat(embeds)), utils.all_gather_cat(torch.cat(feats))
+    return utils.all_gather_cat(torch.cat(embeds)) if with_tokens else None, utils.all_gather_cat(torch.cat(feats))
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -341,13 +359,17 @@ def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch
     model.eval()
     began = time.time()
     reference = config.get('eval_mode', 'fast') == 'reference'
+    itc_only = protocol(config['k_test']) == 'itc'
     text_feat, text_ids, text_mask = text_features(model, texts, device, autocast, cls_only=not reference)
-    image_embeds, image_feat = image_features(model, loader, device, autocast)
+    image_embeds, image_feat = image_features(model, loader, device, autocast, with_tokens=not itc_only)
     _logger.info('Encoded %d images and %d texts in %.1f s', image_feat.shape[0], text_feat.shape[0],
                  time.time() - began)
     args = (model, image_embeds, image_feat, text_feat, text_ids, text_mask, config['k_test'])
     log_every = config.get('log_every', 50)
-    if reference:
+    if itc_only:  # the similarity is the score of every pair: nothing to re-rank
+        i2t = image_feat @ text_feat.t()
+        t2i = i2t.t().contiguous()
+    elif reference:
         i2t, t2i = reference_scores(*args, autocast=autocast, log_every=log_every)
     else:
         i2t, t2i = fast_scores(*args, pair_batch=config.get('eval_pair_batch'), autocast=autocast,
@@ -362,6 +384,7 @@ def evaluate_scores(model, loader, texts: list[str], config: dict, device: torch
 class SplitScores:
     """One split as the evaluation left it, identical on every rank (what the report is made of)."""
     i2t: np.ndarray   # (N, T) images x texts: matching logit + similarity for each image's top k_test, else -100
+                      # (k_test 0: the similarity of every pair)
     t2i: np.ndarray   # (T, N) texts x images, likewise
     sims: np.ndarray  # (N, T) contrastive similarities
     metrics: dict     # recall_metrics of i2t / t2i

@@ -61,7 +61,7 @@ import utils
 from config import ConfigError, load_config, save_config
 from data import (DataError, check_images, create_datasets, create_train_loader, prepare_data, set_loader_epoch)
 from data.loaders import default_num_workers
-from evaluation import chance_recall, evaluate_split, format_recall
+from evaluation import evaluate_split
 from models import model_from_config
 from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, RUN_CONFIG, TENSORBOARD_DIR, TRAIN_LOG,
                                CheckpointError)
@@ -72,8 +72,9 @@ from run.checkpoints import (RankStreams, RunState, adopt_resumed_config, load_r
                              resume_path, save_best, save_last)
 from run.failures import SetupError, fail, start_failure_watch, stop_failure_watch
 from run.hooks import STEP_TRACE_ENV, StepTrace, failure_from_env, stop_after_steps_from_env
-from run.output import (RUN_FILES, check_output_dir, check_writable, default_output_dir, remove_stale_temp_files,
-                        resume_command, training_summary, trim_log)
+from run.output import (RUN_FILES, check_output_dir, check_writable, default_output_dir, evaluation_summary,
+                        remove_stale_temp_files, resume_command, training_summary, trim_log)
+from run.results import epoch_line, evaluates_val, result_fields, timed
 from run.stops import StopRequest, agree
 from run.tensorboard import TensorboardWriter
 from run.training import NonFiniteLossError, Preempted, TrainingDataError, train_one_epoch
@@ -289,20 +290,14 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
 
 def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -> int:
     kept = [] if config['report'] else None
-    results = {split: evaluate_split(model, datasets[split], config, device, autocast, kept)
-               for split in ('val', 'test')}
+    results, seconds = {}, {}
+    for split in ('val', 'test'):
+        results[split], seconds[split] = timed(evaluate_split, model, datasets[split], config, device, autocast, kept)
     if utils.is_main_process():
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
-        record['recall_unit'] = '%'  # recall is 0-100: 15.0 is 15%, not 0.15
-        append_json(os.path.join(output_dir, EVALUATE_LOG), record)
-        summary = [f'Evaluated {config["pretrained"] or "random weights"}']
-        for split in ('val', 'test'):
-            dataset = datasets[split]
-            chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']
-            summary.append(f'  {split:<4} {format_recall(results[split])}  (chance r_mean {chance:.2f}; '
-                           f'{len(dataset)} images, {len(dataset.text)} texts)')
-        summary.append(f'  written to {os.path.join(output_dir, EVALUATE_LOG)}')
-        print('\n'.join(summary), flush=True)
+        append_json(os.path.join(output_dir, EVALUATE_LOG), {**record, **result_fields(config, device, seconds,
+                                                                                        datasets)})
+        print(evaluation_summary(config, results, seconds, datasets, output_dir), flush=True)
         write_report(output_dir, kept, datasets, config)
     return 0
 
@@ -377,26 +372,33 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                                               autocast, stop, save, writer, traces, fail_at, streams)
                 save()  # the epoch's training is safe before its (possibly long) evaluation
                 kept = [] if config['report'] else None
-                val = evaluate_split(model, datasets['val'], config, device, autocast, kept)
-                test = evaluate_split(model, datasets['test'], config, device, autocast, kept)
-                if val['r_mean'] > state.best_r_mean:
-                    state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
-                    if utils.is_main_process():
-                        save_best(best_path, model, optimizer, config, epoch, val['r_mean'])
-                        report_path = write_report(output_dir, kept, datasets, config, epoch) or report_path
+                val, test, seconds = {}, {}, {}
+                if evaluates_val(epoch, config):
+                    val, seconds['val'] = timed(evaluate_split, model, datasets['val'], config, device, autocast, kept)
+                    improved = val['r_mean'] > state.best_r_mean  # on every rank alike (same matrices)
+                    # Test only when its result is kept (log.txt holds the best epoch's test, as the original's).
+                    if improved or config['eval_test_every_epoch']:
+                        test, seconds['test'] = timed(evaluate_split, model, datasets['test'], config, device,
+                                                      autocast, kept)
+                    if improved:
+                        state.best_r_mean, state.best_epoch, state.best_test = val['r_mean'], epoch, test
+                        state.best_test_seconds = seconds['test']
+                        if utils.is_main_process():
+                            save_best(best_path, model, optimizer, config, epoch, val['r_mean'])
+                            report_path = write_report(output_dir, kept, datasets, config, epoch) or report_path
                 del kept
                 if utils.is_main_process():
                     record = {**{f'train_{k}': v for k, v in train_stats.items()},
                               **{f'val_{k}': v for k, v in val.items()},
                               **{f'test_{k}': v for k, v in state.best_test.items()},
-                              'epoch': epoch, 'best_epoch': state.best_epoch, 'recall_unit': '%'}
-                    append_json(log_path, record)
+                              'epoch': epoch, 'best_epoch': state.best_epoch}
+                    kept_seconds = {'val': seconds.get('val'), 'test': state.best_test_seconds}  # as val_*, test_*
+                    append_json(log_path, {**record, **result_fields(config, device, kept_seconds, datasets)})
                     # Same x axis as the train curves: the global step at the end of the epoch.
                     epoch_end = (epoch + 1) * state.steps_per_epoch
                     writer.add_scalars({**{f'val/{k}': v for k, v in val.items()},
                                         **{f'test/{k}': v for k, v in test.items()}}, epoch_end)
-                    _logger.info('Epoch %d: val %s | test (this epoch) %s | log.txt keeps the test of the best epoch '
-                                 '(%d)', epoch, format_recall(val), format_recall(test), state.best_epoch)
+                    _logger.info('Epoch %d: %s', epoch, epoch_line(val, test, state.best_epoch, config))
                 state.epoch, state.step, state.train_meters = epoch + 1, 0, {}
                 save()
                 # A signal that came during evaluation: the epoch is saved, stop before the next one.
@@ -413,7 +415,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
     existing = os.path.join(output_dir, REPORT_DIR, 'index.html')
     report_path = report_path or (existing if config['report'] and os.path.exists(existing) else None)
     if utils.is_main_process():  # a resumed run may have written the report before it stopped
-        print(training_summary(state, datasets, output_dir, report_path), flush=True)
+        print(training_summary(state, datasets, output_dir, report_path, config['k_test']), flush=True)
     return 0
 
 

@@ -230,6 +230,7 @@ def create_eval_loader(
         pin_memory=_pin_memory(),
         drop_last=False,
         worker_init_fn=ignore_stop_signals,
-        # Its own generator: evaluating must not draw from the global RNG (each rank's training stream).
+        # Its own generator: an iterator draws its base seed from it, not from the global RNG, so evaluating
+        # (or not evaluating) test between two epochs leaves the next epoch's dropout and negatives as they were.
         generator=torch.Generator().manual_seed(0),
     )

@@ -70,20 +70,35 @@ def _is_url(path: str) -> bool:
     return urlparse(path).scheme in ('http', 'https')
 
 
+# sha256 of the files this process hashed, by (real path, size, mtime): `sha256:` verifies a 900 MB checkpoint and the
+# result records identify it, and the file is read once.
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                digest.update(chunk)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def local_checkpoint_path(url_or_path: str) -> str:
+    """Where a checkpoint is on this machine: the path itself, or a URL's file in the torch hub cache."""
+    if _is_url(url_or_path):
+        return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urlparse(url_or_path).path))
+    return url_or_path
 
 
 def fetch_checkpoint(url_or_path: str, sha256: str | None = None) -> str:
     """Local path of a checkpoint; a URL is downloaded once into the torch hub cache (with progress)."""
     if _is_url(url_or_path):
-        cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
-        os.makedirs(cache_dir, exist_ok=True)
-        path = os.path.join(cache_dir, os.path.basename(urlparse(url_or_path).path))
+        path = local_checkpoint_path(url_or_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.path.exists(path):
             _logger.info('Downloading %s to %s', url_or_path, path)
             try:  # download_url_to_file writes a temporary file and renames it when complete

@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import snapshot_download
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                    RevisionNotFoundError)
 from safetensors import SafetensorError
@@ -134,6 +134,15 @@ def hf_folder(pretrained: str) -> str:
     if match is None:
         raise CheckpointError(f'`pretrained: {pretrained}` is neither a file, a folder nor a Hub id (owner/name)')
     return download_hub_model(match.group('repo'), match.group('revision'))
+
+
+def hub_revision(pretrained: str) -> Optional[str]:
+    """The commit a Hub id (`owner/name[@revision]`) resolves to in the Hugging Face cache; None if not cached."""
+    match = _HUB_ID.match(pretrained)
+    if match is None or os.path.exists(pretrained):
+        return None
+    path = try_to_load_from_cache(match.group('repo'), CONFIG_NAME, revision=match.group('revision'))
+    return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else None  # .../snapshots/<commit>/
 
 
 def _weight_files(folder: str) -> list[str]:

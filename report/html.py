@@ -1,4 +1,5 @@
-"""Static HTML for the report, compare and search pages: one self-contained page, inline CSS, no script.
+"""Static HTML for the report, compare, search and results pages: one self-contained page, inline CSS, no script
+(the results table's sorting, report.table, is its one inline script).
 
 Nothing is fetched from the network: images are relative links to the page's own `thumbs/` and plots,
 so the folder opens from file:// on a machine offline. Machine-readable `data-*` attributes carry the
@@ -43,6 +44,15 @@ ol.captions li.extra { border-left-style: dashed; }
 .side { display: flex; gap: 16px; } .side > div { flex: 1; min-width: 0; }
 .side > div > h4 { margin-top: 0; }
 nav a { margin-right: 1em; }
+table.results { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
+table.results th, table.results td { border: 1px solid #ccc; padding: .2em .45em; text-align: right;
+       white-space: nowrap; }
+table.results th { background: #f4f4f4; cursor: pointer; position: sticky; top: 0; }
+table.results th[data-order="asc"]::after { content: " \\25B2"; }
+table.results th[data-order="desc"]::after { content: " \\25BC"; }
+table.results td[data-key="run"], table.results td[data-key="checkpoint"], table.results td[data-key="source"],
+table.results td[data-key="device"] { text-align: left; }
+table.results tbody tr:hover { background: #f6f9ff; }
 """
 
 

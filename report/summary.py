@@ -43,6 +43,10 @@ class SplitSummary:
     t2i_gt_score: np.ndarray   # (T,) score and similarity of each text's own image
     t2i_gt_sim: np.ndarray
 
+    def score(self, value: float) -> Optional[float]:
+        """A score to show: None where the pair was not re-ranked (-100), and everywhere under protocol itc."""
+        return None if self.k_test == 0 else score_or_none(value)
+
     @property
     def curve_length(self) -> int:
         """Recall@K is plotted for K = 1..k_test (at least 1..10, so that R@1/5/10 are on it)."""

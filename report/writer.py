@@ -15,13 +15,14 @@ from typing import Mapping, Optional
 import numpy as np
 
 from atomic import atomic_folder, atomic_write_bytes
+from evaluation import describe_protocol, protocol
 from data.retrieval_dataset import ImagePathResolver
 import report.html as html
 from report.files import npz_bytes
 from report.html import Hit, esc
 from report.paper import paper_numbers
 from report.plots import rank_histogram_png, recall_curve_png
-from report.summary import SplitScores, SplitSummary, ranks_arrays, score_or_none, summarize
+from report.summary import SplitScores, SplitSummary, ranks_arrays, summarize
 from report.thumbs import write_thumbnails
 
 _logger = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ def t2i_block(summary: SplitSummary, text: int, thumbs: Mapping[str, str], top: 
     """A caption, its top images (ground truth outlined), and its image with its rank when it is not among them."""
     split, image = summary.split, int(summary.txt2img[text])
     hits = [Hit(rank=r, index=int(c), sim=float(summary.t2i_top10_sim[text, r]),
-                score=score_or_none(summary.t2i_top10_score[text, r]), correct=int(c) == image,
+                score=summary.score(summary.t2i_top10_score[text, r]), correct=int(c) == image,
                 thumb=thumbs.get(thumb_name(split, int(c))))
             for r, c in enumerate(summary.t2i_top10[text, :top])]
     gt = Hit(rank=int(summary.t2i_rank[text]), index=image, sim=float(summary.t2i_gt_sim[text]),
-             score=score_or_none(summary.t2i_gt_score[text]), correct=True,
+             score=summary.score(summary.t2i_gt_score[text]), correct=True,
              thumb=thumbs.get(thumb_name(split, image)))
     return html.t2i_query(text, summary.texts[text], hits, gt,
                           note=f'text {text}: its image ranks {gt.rank + 1}')
@@ -70,12 +71,12 @@ def t2i_block(summary: SplitSummary, text: int, thumbs: Mapping[str, str], top: 
 def i2t_block(summary: SplitSummary, image: int, thumbs: Mapping[str, str], top: int = GALLERY_TOP) -> str:
     """An image, its top captions marked correct or wrong, and its best-ranked own caption when not among them."""
     hits = [Hit(rank=r, index=int(c), sim=float(summary.i2t_top10_sim[image, r]),
-                score=score_or_none(summary.i2t_top10_score[image, r]),
+                score=summary.score(summary.i2t_top10_score[image, r]),
                 correct=int(summary.txt2img[c]) == image, text=summary.texts[int(c)])
             for r, c in enumerate(summary.i2t_top10[image, :top])]
     best = int(summary.i2t_gt[image])
     gt = Hit(rank=int(summary.i2t_rank[image]), index=best, sim=float(summary.i2t_gt_sim[image]),
-             score=score_or_none(summary.i2t_gt_score[image]), correct=True, text=summary.texts[best])
+             score=summary.score(summary.i2t_gt_score[image]), correct=True, text=summary.texts[best])
     return html.i2t_query(image, thumbs.get(thumb_name(summary.split, image)), hits, gt,
                           note=f'image {image} ({summary.images[image]}): its best caption ranks {gt.rank + 1}')
 
@@ -118,9 +119,11 @@ def split_section(summary: SplitSummary, thumbs: Mapping[str, str], queries: dic
             f'<h2>{esc(split)}: {n_images} images, {n_texts} captions</h2>\n'
             f'{recall_table(summary, paper)}\n'
             f'<p class="meta">Ranks of every query: <a href="ranks_{esc(split)}.npz">ranks_{esc(split)}.npz</a>. '
-            'Score = matching logit (itm) + contrastive similarity (sim) for the top k_test candidates; '
-            'the others are not re-ranked.</p>\n'
-            f'<div class="plots"><img src="recall_{esc(split)}.png" alt="Recall@K, {esc(split)}">'
+            + ('Protocol itc (k_test 0): the score is the contrastive similarity (sim); nothing is re-ranked.</p>\n'
+               if summary.k_test == 0 else
+               'Score = matching logit (itm) + contrastive similarity (sim) for the top k_test candidates; '
+               'the others are not re-ranked.</p>\n')
+            + f'<div class="plots"><img src="recall_{esc(split)}.png" alt="Recall@K, {esc(split)}">'
             f'<img src="ranks_{esc(split)}.png" alt="ranks of the ground truth, {esc(split)}"></div>\n'
             + '\n'.join(galleries) + '\n</section>')
 
@@ -176,6 +179,8 @@ def write_evaluation_report(output_dir: str, scores: Mapping[str, SplitScores], 
 def _run_line(config: dict, epoch: Optional[int]) -> str:
     checkpoint = config.get('pretrained') or 'random initialisation'
     what = f'fine-tune, best epoch {epoch} (by val r_mean)' if epoch is not None else 'evaluation (--evaluate)'
+    k_test = int(config['k_test'])
     return (f'{esc(what)}; checkpoint <code>{esc(checkpoint)}</code>; dataset <code>{esc(config.get("dataset"))}'
-            f'</code>; k_test {int(config["k_test"])}; eval_mode {esc(config.get("eval_mode", "fast"))}; '
+            f'</code>; <span class="protocol" data-protocol="{protocol(k_test)}">{esc(describe_protocol(k_test))}'
+            f'</span>; eval_mode {esc(config.get("eval_mode", "fast"))}; '
             f'precision {esc(config.get("precision", "tf32"))}')

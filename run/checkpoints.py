@@ -32,6 +32,7 @@ class RunState:
     best_r_mean: float = -1.0
     best_epoch: int = -1
     best_test: dict = field(default_factory=dict)
+    best_test_seconds: Optional[float] = None  # how long the best epoch's test evaluation took
     train_meters: dict = field(default_factory=dict)  # running sums of the epoch in progress
     steps_per_epoch: int = 0
     rng: Optional[list[dict]] = None  # this process's ranks' RNG states to restore before training (resume only)
@@ -117,6 +118,7 @@ def save_last(path: str, model, optimizer, config: dict, state: RunState,
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': config,
             'epoch': state.epoch, 'step': state.step, 'steps_per_epoch': state.steps_per_epoch,
             'best_r_mean': state.best_r_mean, 'best_epoch': state.best_epoch, 'best_test': state.best_test,
+            'best_test_seconds': state.best_test_seconds,
             'train_meters': state.train_meters, 'rng_states': rng_states, 'world_size': utils.get_world_size(),
             'accum_steps': accum_steps,
             # The data order is a function of these alone (sampler and augmentation are seeded per epoch).
@@ -212,7 +214,7 @@ def load_resume_state(checkpoint: dict, path: str, model, optimizer, config: dic
                          'the checkpoint was written with') from None
     state = RunState(epoch=checkpoint['epoch'], step=checkpoint['step'], best_r_mean=checkpoint['best_r_mean'],
                      best_epoch=checkpoint['best_epoch'], best_test=checkpoint['best_test'],
-                     train_meters=checkpoint['train_meters'])
+                     best_test_seconds=checkpoint.get('best_test_seconds'), train_meters=checkpoint['train_meters'])
     saved_world, saved_batch = checkpoint['world_size'], checkpoint['config']['batch_size_train']
     saved_accum, accum = checkpoint.get('accum_steps', 1), config['accum_steps']
     if (saved_world * saved_accum, saved_batch) == (world_size * accum, config['batch_size_train']):

@@ -9,8 +9,8 @@ import tempfile
 from typing import Optional
 
 from atomic import atomic_write_text
-from evaluation import chance_recall, format_recall
-from models.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TENSORBOARD_DIR, TRAIN_LOG
+from evaluation import chance_recall, describe_protocol, format_recall
+from models.checkpoint import BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, TENSORBOARD_DIR, TRAIN_LOG
 from run.checkpoints import RunState
 from run.failures import SetupError
 
@@ -99,14 +99,28 @@ def default_output_dir(config_path: str) -> str:
     return os.path.join('output', os.path.splitext(os.path.basename(config_path))[0])
 
 
-def training_summary(state: RunState, datasets: dict, output_dir: str, report_path: Optional[str]) -> str:
+def evaluation_summary(config: dict, results: dict, seconds: dict, datasets: dict, output_dir: str) -> str:
+    """What --evaluate prints: the protocol, each split's recall against chance, its size and time, the file."""
+    lines = [f'Evaluated {config["pretrained"] or "random weights"}; {describe_protocol(config["k_test"])}']
+    for split in ('val', 'test'):
+        dataset = datasets[split]
+        chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']
+        lines.append(f'  {split:<4} {format_recall(results[split])}  (chance r_mean {chance:.2f}; '
+                     f'{len(dataset)} images, {len(dataset.text)} texts; {seconds[split]:.1f} s)')
+    lines.append(f'  written to {os.path.join(output_dir, EVALUATE_LOG)}')
+    return '\n'.join(lines)
+
+
+def training_summary(state: RunState, datasets: dict, output_dir: str, report_path: Optional[str],
+                     k_test: Optional[int] = None) -> str:
     """The last lines of a fine-tune: the best epoch's recall against chance, and where its files are."""
     log = os.path.join(output_dir, TRAIN_LOG)
     with open(log) as f:
         records = [json.loads(line) for line in f]
     best = [r for r in records if r.get('epoch') == state.best_epoch][-1:]
     val = {k[len('val_'):]: v for k, v in best[0].items() if k.startswith('val_')} if best else {}
-    lines = [f'Training done: best epoch {state.best_epoch} (by val r_mean)']
+    protocol = f'; {describe_protocol(k_test)}' if k_test is not None else ''
+    lines = [f'Training done: best epoch {state.best_epoch} (by val r_mean){protocol}']
     for split, metrics in (('val', val), ('test', state.best_test)):
         dataset = datasets[split]
         chance = chance_recall(dataset.txt2img, dataset.img2txt)['r_mean']

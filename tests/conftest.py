@@ -151,3 +151,35 @@ def demo_run(tmp_path_factory) -> dict:
     assert code == 0, printed.getvalue()[-3000:]
     return {'data': data, 'out': out, 'checkpoint': out / 'checkpoint_best.pth', 'trace': f'{trace}.rank0.jsonl',
             'vocab': data / demo.VOCAB_FILENAME, 'stdout': printed.getvalue()}
+
+
+# Three evaluated runs and one broken folder, shared by the results-table tests and the browser test: the golden
+# tiny checkpoint (protocol itm), another checkpoint named as the official Flickr one (so that its test rows get the
+# paper's numbers), and the golden checkpoint under the contrastive-only protocol (k_test 0).
+RESULT_RUNS = {'itm': ('golden', 4), 'official_name': ('model_base_retrieval_flickr.pth', 4), 'itc': ('golden', 0)}
+
+
+@pytest.fixture(scope='session')
+def result_runs(tmp_path_factory, golden_checkpoint) -> dict:
+    """{'data', 'checkpoints': {name: path}, 'runs': {name: output_dir}, 'broken': folder} (in-process --evaluate)."""
+    from synthetic import write_colour_dataset
+    from test_train_retrieval import base_args, tiny_options
+    import train_retrieval
+    root = tmp_path_factory.mktemp('result_runs')
+    data = write_colour_dataset(str(root / 'data'), n_train=16, n_val=6, n_test=7)
+    other = torch.load(golden_checkpoint, weights_only=True)['model']
+    for key in ('vision_proj.weight', 'text_proj.weight'):  # another checkpoint: other features, other ranks
+        other[key] = other[key] + 0.05 * torch.randn(other[key].shape, generator=torch.Generator().manual_seed(1))
+    official = 'model_base_retrieval_flickr.pth'
+    checkpoints = {'golden': golden_checkpoint, official: str(root / official)}
+    torch.save({'model': other}, checkpoints[official])
+    runs = {}
+    for name, (checkpoint, k_test) in RESULT_RUNS.items():
+        runs[name] = root / name
+        args = base_args() + ['--evaluate', '--output_dir', str(runs[name])] + tiny_options(
+            data, checkpoints[checkpoint], k_test=k_test, report_queries=4)
+        assert train_retrieval.main(args) == 0
+    broken = root / 'broken'
+    broken.mkdir()
+    (broken / 'evaluate.txt').write_text('{"val_txt_r1": 50.0, "val_r_m')  # a run killed while writing
+    return {'data': data, 'checkpoints': checkpoints, 'runs': runs, 'broken': broken}
