@@ -9,6 +9,11 @@ Both paths start from the same contrastive features (computed once, timed apart)
 The last line is `speedup <ratio>x max_abs_diff <value>`. With --reference_fraction < 1 the reference path
 scores only that fraction of the queries of each direction; its time is extrapolated linearly (per query
 cost is constant) and the difference is measured on those rows.
+
+Before the last line, one one `flops <path>:` line per path: useful FLOPs (distinct pairs at their true lengths, each image's
+keys/values once), executed FLOPs, achieved rate, plain addmm's rate at the path's own shapes (measured in this
+run) and the ratio to the floor (the useful FLOPs at the best of those rates; benchmarks/flops.py).
+`--lengths flickr` draws caption lengths from real Flickr30k captions instead of uniformly over 8..35 tokens.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 
 from common import (Timer, add_common_args, build_model, count_host_syncs, peak_memory, profile_table,
                     random_images, random_texts, reset_peak)
+from flops import ExecutedFlops, TextSizes, lines, matching_flops, measure
 
 import evaluation
 import utils
@@ -36,6 +42,18 @@ def features(model, images, text_ids, text_mask, autocast, image_batch: int):
         text_feat = torch.cat([model.encode_text(text_ids[i:i + step], text_mask[i:i + step]).float()
                                for i in range(0, text_ids.shape[0], step)])
     return image_embeds, image_feat, text_feat
+
+
+def useful_flops(model, image_feat, text_feat, text_mask, k_test: int) -> int:
+    """Matching FLOPs of the protocol's distinct pairs at their true lengths (the same for both paths)."""
+    sims = image_feat @ text_feat.t()
+    n_images, n_texts = sims.shape
+    top_i2t = sims.topk(min(k_test, n_texts), dim=1).indices
+    top_t2i = sims.t().topk(min(k_test, n_images), dim=1).indices
+    keys = torch.cat([(torch.arange(n_images, device=sims.device)[:, None] * n_texts + top_i2t).flatten(),
+                      (top_t2i * n_texts + torch.arange(n_texts, device=sims.device)[:, None]).flatten()]).unique()
+    lengths = text_mask.sum(dim=1)[keys % n_texts].tolist()
+    return matching_flops(lengths, int((keys // n_texts).unique().numel()), TextSizes.of(model))
 
 
 def compare_with_fp32(args, model, images, text_ids, text_mask, itm_ids, scores) -> None:
@@ -80,7 +98,7 @@ def main() -> None:
     model = build_model(args, queue_size=64).eval()
 
     images = random_images(args.images, args.image_size, 'cpu', args.seed)
-    text_ids, text_mask = random_texts(args.texts, device, args.seed + 1)
+    text_ids, text_mask = random_texts(args.texts, device, args.seed + 1, lengths=args.lengths)
     itm_ids = text_ids.clone()
     itm_ids[:, 0] = model.enc_token_id
     with Timer(device) as t_feat:
@@ -90,12 +108,16 @@ def main() -> None:
     inputs = (model, image_embeds, image_feat, text_feat, itm_ids, text_mask, k)
     print(f'setup: {args.vit} {args.image_size}px {args.precision} on {device} '
           f'({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), {args.images} images, '
-          f'{args.texts} texts, k_test {k}: {entries} top-k entries; features {t_feat.seconds:.2f} s', flush=True)
+          f'{args.texts} texts ({args.lengths} lengths, mean {text_mask.sum(1).float().mean():.1f} tokens), '
+          f'k_test {k}: {entries} top-k entries; features {t_feat.seconds:.2f} s', flush=True)
+    useful = useful_flops(model, image_feat, text_feat, text_mask, k)
+    matmul_dtype = torch.bfloat16 if args.precision == 'bf16' else torch.float32
 
     reset_peak(device)
-    with Timer(device) as t_fast:
+    with Timer(device) as t_fast, ExecutedFlops() as executed:
         fast_i2t, fast_t2i = evaluation.fast_scores(*inputs, pair_batch=args.batch, autocast=autocast,
                                                     log_every=10**9)
+    flop_paths = [measure('fast', t_fast.seconds, useful, executed, device, matmul_dtype)]
     print(f'fast:      wall {t_fast.seconds:8.2f} s  {entries / t_fast.seconds:10.1f} entries/s  '
           f'{peak_memory(device)}', flush=True)
     if args.profile:
@@ -111,11 +133,12 @@ def main() -> None:
     if args.compare_fp32:
         compare_with_fp32(args, model, images, text_ids, text_mask, itm_ids, (fast_i2t, fast_t2i))
     if args.skip_reference:
+        print(lines(flop_paths), flush=True)
         return
 
     reset_peak(device)
     fraction = args.reference_fraction
-    with Timer(device) as t_ref:
+    with Timer(device) as t_ref, ExecutedFlops() as executed:
         ref_i2t, ref_t2i = evaluation.reference_scores(*inputs, autocast=autocast, log_every=10**9,
                                                        query_fraction=fraction)
     n_i, n_t = int(np.ceil(args.images * fraction)), int(np.ceil(args.texts * fraction))
@@ -124,6 +147,9 @@ def main() -> None:
     note = '' if fraction >= 1 else f' (extrapolated from {done} of {entries} entries)'
     print(f'reference: wall {ref_seconds:8.2f} s  {entries / ref_seconds:10.1f} entries/s  '
           f'{peak_memory(device)}{note}', flush=True)
+    flop_paths.append(measure('reference', ref_seconds, useful, executed, device, matmul_dtype,
+                              executed_scale=entries / done))
+    print(lines(flop_paths), flush=True)
     diff = max((fast_i2t[:n_i] - ref_i2t[:n_i]).abs().max().item(), (fast_t2i[:n_t] - ref_t2i[:n_t]).abs().max().item())
     print(f'speedup {ref_seconds / t_fast.seconds:.2f}x max_abs_diff {diff:.3g}', flush=True)
 

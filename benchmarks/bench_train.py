@@ -11,27 +11,38 @@ fast:            padding trimmed, image keys/values shared by the three matching
 
 The last line is `speedup <ratio>x max_abs_diff <value>`: the ratio of samples/s, and the largest difference
 of (loss_ita, loss_itm) of one step in eval mode (dropout off) from the same weights, with --precision.
+
+Before the last line, one `flops <path> <precision>:` line per run, per step: useful FLOPs (true caption lengths,
+forward and backward, each image's keys/values once, no recomputation), executed FLOPs, achieved rate, plain
+addmm's rate at the run's own shapes (measured in this process) and the ratio to the floor (the useful FLOPs at
+the best of those rates in the same dtype; benchmarks/flops.py). `--lengths flickr`: caption lengths of real
+Flickr30k captions instead of uniform over 8..35 tokens.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+from typing import Optional
 
 import torch
 
 from common import (Timer, add_common_args, build_model, count_host_syncs, peak_memory, profile_table,
                     random_images, random_texts, reset_peak)
+from flops import ExecutedFlops, lines, measure, training_step_flops
 
 import utils
 
 
-def run_steps(model, optimizer, batches, autocast, steps: int, warmup: int, device) -> float:
-    """Seconds per step over `steps` timed steps after `warmup` steps."""
+def run_steps(model, optimizer, batches, autocast, steps: int, warmup: int, device,
+              counter: Optional[ExecutedFlops] = None) -> float:
+    """Seconds per step over `steps` timed steps after `warmup` steps (their FLOPs into `counter`)."""
     model.train()
     seconds = 0.0
     for i in range(warmup + steps):
         images, ids, mask, idx = batches[i % len(batches)]
-        with Timer(device) as timer:
+        counting = counter if counter is not None and i >= warmup else contextlib.nullcontext()
+        with Timer(device) as timer, counting:
             with (autocast() if autocast else torch.autocast('cpu', enabled=False)):
                 loss_ita, loss_itm = model(images, (ids, mask), 0.4, idx)
             optimizer.zero_grad(set_to_none=True)
@@ -86,14 +97,17 @@ def main() -> None:
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batches = []
     for i in range(2):
-        ids, mask = random_texts(args.batch, device, args.seed + 10 + i)
+        ids, mask = random_texts(args.batch, device, args.seed + 10 + i, lengths=args.lengths)
         batches.append((random_images(args.batch, args.image_size, device, args.seed + i), ids, mask,
                         torch.randint(0, 10**6, (args.batch,), device=device)))
     print(f'setup: {args.vit} {args.image_size}px batch {args.batch} on {device} '
           f'({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), '
           f'{args.steps} timed steps after {args.warmup} warm-up', flush=True)
 
-    results = []
+    # Useful work per timed step (the timed steps alternate between the batches).
+    useful = sum(training_step_flops(model, batches[i % len(batches)][2].sum(dim=1).tolist())
+                 for i in range(args.warmup, args.warmup + args.steps)) // args.steps
+    results, flop_paths = [], []
     for path, precision in variants:
         model.load_state_dict(initial)
         fast = path == 'fast'
@@ -107,8 +121,13 @@ def main() -> None:
             model.visual_encoder.compile()
             model.text_encoder.compile()
         reset_peak(device)
-        per_step = run_steps(model, optimizer, batches, autocast, args.steps, args.warmup, device)
+        counter = None if fast and args.compile else ExecutedFlops()  # no dispatch hook around compiled graphs
+        per_step = run_steps(model, optimizer, batches, autocast, args.steps, args.warmup, device, counter)
         results.append((per_step, losses))
+        if counter is not None:
+            matmul_dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+            flop_paths.append(measure(f'{path} {precision}', per_step, useful, counter, device, matmul_dtype,
+                                      executed_scale=1 / args.steps))
         print(f'{path:15s} {precision}: {per_step:8.3f} s/step  {args.batch / per_step:8.2f} samples/s  '
               f'{peak_memory(device)}  losses {losses.tolist()}', flush=True)
         if args.profile:
@@ -118,6 +137,8 @@ def main() -> None:
             if syncs is not None:
                 print(f'host syncs: {syncs} in 2 steps (4 of them the timer\'s)', flush=True)
         del optimizer
+    if flop_paths:
+        print(lines(flop_paths), flush=True)
     diff = (results[-1][1] - results[0][1]).abs().max().item()
     print(f'speedup {results[0][0] / results[-1][0]:.2f}x max_abs_diff {diff:.3g}', flush=True)
 

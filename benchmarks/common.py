@@ -16,6 +16,17 @@ from models import BLIP_Retrieval  # noqa: E402
 
 TEXT_LENGTH = 35
 
+# Caption lengths in tokens ([CLS] and [SEP] included) -> how many of 491 real Flickr30k captions have them: the
+# first 240 captions of the Karpathy 1K test split (its first 48 images) and 251 consecutive ones from the middle
+# of its 5,000 (from character 160,000 of data/f30k_precomp/test_caps.txt, the one-caption-a-line file of the
+# VSE++/SCAN data; read in github.com/FlyCuteBird/MKTLON at 5597300), cleaned by data.captions.pre_caption
+# (30 words) and tokenized with the bundled bert-base-uncased vocabulary: mean 14.7 tokens (12.2 words); 7 are
+# cut at 35 tokens.
+FLICKR_LENGTHS = {6: 2, 7: 8, 8: 25, 9: 35, 10: 44, 11: 41, 12: 42, 13: 50, 14: 44, 15: 36, 16: 28, 17: 18, 18: 27,
+                  19: 16, 20: 15, 21: 9, 22: 2, 23: 9, 24: 8, 25: 2, 26: 1, 27: 3, 28: 5, 29: 3, 30: 5, 32: 5,
+                  33: 1, 35: 7}
+LENGTHS = ('uniform', 'flickr')
+
 
 def add_common_args(parser) -> None:
     parser.add_argument('--vit', default='base', choices=['base', 'large'])
@@ -24,6 +35,9 @@ def add_common_args(parser) -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--tokenizer', default='bert-base-uncased', help='bundled by default: nothing is fetched')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--lengths', default='uniform', choices=LENGTHS,
+                        help='caption lengths: uniform over 8..35 tokens, or drawn from real Flickr30k captions '
+                             '(mean 14.7 tokens; see FLICKR_LENGTHS)')
     parser.add_argument('--no_cudnn_attention', action='store_true',
                         help="turn cuDNN attention off everywhere: the text encoder never uses it, this also moves "
                              "the ViT to PyTorch's other attention kernels")
@@ -45,14 +59,26 @@ def random_images(n: int, size: int, device, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def random_texts(n: int, device, seed: int, vocab_size: int = 30522) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of the real shape (35, padded): [CLS] words [SEP] with caption-like lengths 8..35."""
+def caption_lengths(n: int, generator: torch.Generator, lengths: str = 'uniform') -> torch.Tensor:
+    """`n` caption lengths in tokens: uniform over 8..35, or drawn from the Flickr30k histogram."""
+    if lengths == 'uniform':
+        return torch.randint(8, TEXT_LENGTH + 1, (n,), generator=generator)
+    if lengths != 'flickr':
+        raise ValueError(f'lengths must be one of {LENGTHS}, got {lengths!r}')
+    values = torch.tensor(list(FLICKR_LENGTHS))
+    counts = torch.tensor(list(FLICKR_LENGTHS.values()), dtype=torch.float)
+    return values[torch.multinomial(counts, n, replacement=True, generator=generator)]
+
+
+def random_texts(n: int, device, seed: int, vocab_size: int = 30522, lengths: str = 'uniform'
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the real shape (35, padded): [CLS] words [SEP] with caption-like lengths (`caption_lengths`)."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(8, TEXT_LENGTH + 1, (n,), generator=g)
+    length = caption_lengths(n, g, lengths)
     ids = torch.randint(1000, vocab_size, (n, TEXT_LENGTH), generator=g)
-    mask = (torch.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).long()
+    mask = (torch.arange(TEXT_LENGTH)[None, :] < length[:, None]).long()
     ids[:, 0] = 101
-    ids[torch.arange(n), lengths - 1] = 102
+    ids[torch.arange(n), length - 1] = 102
     ids = ids * mask
     return ids.to(device), mask.to(device)
 
