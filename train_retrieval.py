@@ -61,7 +61,7 @@ import torch
 import utils
 from config import ConfigError, load_config, save_config
 from data import (DataError, check_images, create_datasets, create_train_loader, prepare_data, set_loader_epoch)
-from data.loaders import batches_of, default_num_workers, worker_error_message
+from data.loaders import batches_of, default_num_workers, drop_last_message, worker_error_message
 from evaluation import chance_recall, evaluate_split, format_recall
 from models import model_from_config
 from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, RUN_CONFIG, TENSORBOARD_DIR, TRAIN_LOG,
@@ -290,7 +290,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     root = logging.getLogger()
     handlers_before, level_before = list(root.handlers), root.level
-    utils.setup_logging(None, utils.launch_rank())
+    utils.setup_logging(None, utils.launch_rank())  # rank 0 keeps the lines for the top of train.log
+    _logger.info('Output folder: %s', os.path.abspath(args.output_dir))  # the first line (other ranks: WARNING only)
     failed = True
     try:
         config = load_config(args.config, args.options)
@@ -339,8 +340,6 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
             adopt_resumed_config(config, checkpoint, last_path)
     utils.seed_everything(config['seed'] + rank)  # dropout and negative sampling: per rank, as the original
     resolve_num_workers(config, world_size)
-    if utils.is_main_process():
-        _logger.info('Output folder: %s', os.path.abspath(args.output_dir))
 
     splits = ('val', 'test') if args.evaluate else ('train', 'val', 'test')
     utils.run_on_main(lambda: prepare_data(config, splits), USER_ERRORS)
@@ -403,7 +402,7 @@ def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -
             summary.append(f'  {split:<4} {format_recall(results[split])}  (chance r_mean {chance:.2f}; '
                            f'{len(dataset)} images, {len(dataset.text)} texts)')
         summary.append(f'  written to {os.path.join(output_dir, EVALUATE_LOG)}')
-        print('\n'.join(summary), flush=True)
+        _logger.info('%s', '\n'.join(summary), extra=utils.BARE)  # as it is on the console, and in train.log
         write_report(output_dir, kept, datasets, config)
     return 0
 
@@ -418,7 +417,7 @@ def write_report(output_dir: str, kept: Optional[list], datasets, config: dict, 
     except OSError as error:  # a full disk must not end a fine-tune: the metrics and checkpoints are written
         _logger.error('The report was not written: %s', error)
         return None
-    print(f'report: {path}', flush=True)
+    _logger.info('report: %s', path, extra=utils.BARE)
     return path
 
 
@@ -454,6 +453,9 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
         _logger.info('Training %d epochs of %d steps (global batch %d = %d x %d processes)%s', config['max_epoch'],
                      state.steps_per_epoch, config['batch_size_train'] * world_size, config['batch_size_train'],
                      world_size, f', from epoch {state.epoch} step {state.step}' if resumed_at else '')
+        dropped = drop_last_message(len(train_set), config['batch_size_train'], world_size)
+        if dropped:
+            _logger.info(dropped)
     report_path = None  # the best epoch's report, written by rank 0
 
     def save() -> None:
@@ -512,7 +514,7 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
     existing = os.path.join(output_dir, REPORT_DIR, 'index.html')
     report_path = report_path or (existing if config['report'] and os.path.exists(existing) else None)
     if utils.is_main_process():  # a resumed run may have written the report before it stopped
-        print(training_summary(state, datasets, output_dir, report_path), flush=True)
+        _logger.info('%s', training_summary(state, datasets, output_dir, report_path), extra=utils.BARE)
     return 0
 
 
