@@ -18,7 +18,7 @@ from utils import EXIT_USER_ERROR
 
 # torchvision 0.N is built for torch 2.(N - 15): 0.19 for 2.4, 0.28 for 2.13, 0.29 for 2.14 (torchvision's table).
 TORCHVISION_MINOR_OFFSET = 15
-CPU_INDEX = 'https://download.pytorch.org/whl/cpu'
+PYTORCH_INDEX = 'https://download.pytorch.org/whl/'  # + a build's label: cpu, cu121, rocm6.1
 
 
 def release(version: str) -> tuple[int, ...]:
@@ -35,11 +35,19 @@ def paired_torchvision(torch_version: str) -> Optional[str]:
 
 
 def fix_command(torch_version: str) -> str:
-    """The pip command that installs torch `torch_version` with its own torchvision, from one index."""
-    plain = torch_version.split('+')[0]
-    command = f'pip install --force-reinstall torch=={plain} torchvision=={paired_torchvision(torch_version)}'
-    if torch_version.endswith('+cpu'):  # PyPI's torch is the CUDA build: say how to stay on CPU wheels
-        command += f' (or, CPU-only wheels: the same with --index-url {CPU_INDEX})'
+    """The pip command that installs torch `torch_version` with its own torchvision, both from PyPI.
+
+    `===` matches the version string exactly: with `==`, pip prefers a local build of the same version (a
+    `2.13.0+cpu` wheel in a --find-links folder) and would pair it with PyPI's torchvision again. A CPU or CUDA
+    build from PyTorch's own index is offered too, with the torchvision of the same build.
+    """
+    plain = '.'.join(map(str, release(torch_version)))
+    paired = paired_torchvision(torch_version)
+    command = f'pip install --force-reinstall torch==={plain} torchvision==={paired}'
+    build = torch_version.partition('+')[2]
+    if re.fullmatch(r'cpu|cu\d+|rocm[\d.]+|xpu', build):
+        command += (f' (or, to keep the {build} build: pip install --force-reinstall torch=={plain}+{build} '
+                    f'torchvision=={paired}+{build} --index-url {PYTORCH_INDEX}{build})')
     return command
 
 

@@ -217,6 +217,17 @@ def rerank(model, image_embeds, image_feat, text_feat, text_ids, text_mask, conf
     return i2t.cpu().numpy(), t2i.cpu().numpy(), sims.cpu().numpy()
 
 
+def warn_unknown_words(tokenizer, texts: list[str], what: str) -> list[str]:
+    """Name, in one warning, the words of the cleaned `texts` that the tokenizer reads as [UNK] (else a query like
+    "a crimson dodecahedron" gets results without a word). Returns them, in order of appearance, each once."""
+    unknown = list(dict.fromkeys(word for text in texts for word in text.split()
+                                 if tokenizer.unk_token in tokenizer.tokenize(word)))
+    if unknown:
+        _logger.warning("%s that the model's vocabulary does not have, each read as %s (the model does not see which "
+                        'word it was): %s', what, tokenizer.unk_token, ', '.join(map(repr, unknown)))
+    return unknown
+
+
 def _order(scores: np.ndarray) -> np.ndarray:
     """Best first, ties as evaluation ranks them (`np.argsort(score)[::-1]`)."""
     return np.argsort(scores)[::-1]
@@ -227,6 +238,7 @@ def search_images(model, encoder: ImageEncoder, folder: str, index: ImageIndex, 
     """Each query's `top` images: ITC ranking over the index, the first min(top, k_test) re-ranked."""
     device, autocast = encoder.device, encoder.autocast
     cleaned = [pre_caption(q, config['max_words']) for q in queries]
+    warn_unknown_words(model.tokenizer, cleaned, 'Query words')
     text_feat, text_ids, text_mask = evaluation.text_features(model, cleaned, device, autocast)
     features = torch.from_numpy(index.features).to(device)
     top = min(top, len(index.paths))
@@ -267,6 +279,7 @@ def search_captions(model, encoder: ImageEncoder, image_path: str, captions: lis
         image_embeds, image_feat = model.encode_image(image)
     image_feat = image_feat.float()
     cleaned = [pre_caption(c, config['max_words']) for c in captions]
+    warn_unknown_words(model.tokenizer, cleaned, 'Caption words')
     text_feat, text_ids, text_mask = evaluation.text_features(model, cleaned, device, autocast)
     top = min(top, len(captions))
     top_sims, top_ids = (image_feat @ text_feat.t())[0].topk(top)

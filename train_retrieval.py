@@ -60,7 +60,7 @@ import torch
 import utils
 from config import ConfigError, load_config, save_config
 from data import (DataError, check_images, create_datasets, create_train_loader, prepare_data, set_loader_epoch)
-from data.loaders import default_num_workers
+from data.loaders import default_num_workers, drop_last_message
 from evaluation import evaluate_split
 from models import model_from_config
 from models.checkpoint import (BEST_CHECKPOINT, EVALUATE_LOG, LAST_CHECKPOINT, RUN_CONFIG, TENSORBOARD_DIR, TRAIN_LOG,
@@ -185,7 +185,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     root = logging.getLogger()
     handlers_before, level_before = list(root.handlers), root.level
-    utils.setup_logging(None, utils.launch_rank())
+    utils.setup_logging(None, utils.launch_rank())  # rank 0 keeps the lines for the top of train.log
+    _logger.info('Output folder: %s', os.path.abspath(args.output_dir))  # the first line (other ranks: WARNING only)
     failed = True
     try:
         config = load_config(args.config, args.options)
@@ -233,8 +234,6 @@ def run(args: argparse.Namespace, config: dict, dist_info) -> int:
             checkpoint = read_resume_checkpoint(last_path, config['allow_unsafe_checkpoint'])
             adopt_resumed_config(config, checkpoint, last_path)
     resolve_num_workers(config, world_size)
-    if utils.is_main_process():
-        _logger.info('Output folder: %s', os.path.abspath(args.output_dir))
 
     splits = ('val', 'test') if args.evaluate else ('train', 'val', 'test')
     utils.run_on_main(lambda: prepare_data(config, splits), USER_ERRORS)
@@ -297,7 +296,8 @@ def run_evaluation(model, datasets, config, device, autocast, output_dir: str) -
         record = {f'{split}_{k}': v for split in ('val', 'test') for k, v in results[split].items()}
         append_json(os.path.join(output_dir, EVALUATE_LOG), {**record, **result_fields(config, device, seconds,
                                                                                         datasets)})
-        print(evaluation_summary(config, results, seconds, datasets, output_dir), flush=True)
+        _logger.info('%s', evaluation_summary(config, results, seconds, datasets, output_dir),
+                     extra=utils.BARE)  # as it is on the console, and in train.log
         write_report(output_dir, kept, datasets, config)
     return 0
 
@@ -312,7 +312,7 @@ def write_report(output_dir: str, kept: Optional[list], datasets, config: dict, 
     except OSError as error:  # a full disk must not end a fine-tune: the metrics and checkpoints are written
         _logger.error('The report was not written: %s', error)
         return None
-    print(f'report: {path}', flush=True)
+    _logger.info('report: %s', path, extra=utils.BARE)
     return path
 
 
@@ -350,6 +350,9 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
                      state.steps_per_epoch, config['batch_size_train'] * world_size * accum,
                      config['batch_size_train'], world_size, f' x accum_steps {accum}' if accum > 1 else '',
                      f', from epoch {state.epoch} step {state.step}' if resumed_at else '')
+        dropped = drop_last_message(len(train_set), config['batch_size_train'], world_size * accum)
+        if dropped:
+            _logger.info(dropped)
     report_path = None  # the best epoch's report, written by rank 0
 
     def save() -> None:
@@ -415,7 +418,8 @@ def run_training(args, model, optimizer, state: RunState, datasets, config, dist
     existing = os.path.join(output_dir, REPORT_DIR, 'index.html')
     report_path = report_path or (existing if config['report'] and os.path.exists(existing) else None)
     if utils.is_main_process():  # a resumed run may have written the report before it stopped
-        print(training_summary(state, datasets, output_dir, report_path, config['k_test']), flush=True)
+        _logger.info('%s', training_summary(state, datasets, output_dir, report_path, config['k_test']),
+                     extra=utils.BARE)
     return 0
 
 

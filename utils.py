@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import math
 import os
 import random
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -349,32 +351,43 @@ def rendezvous_store_client(dist_url: str) -> tuple[Any, str] | None:
 # --------------------------------------------------------------------------- #
 # Logging
 # --------------------------------------------------------------------------- #
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
-_HANDLER_TAG = "_blip_setup_logging"
+_HANDLER_TAG = "_blip_setup_logging"  # its value: 'console', or 'file' (train.log, or the records kept for it)
+BARE = {"bare": True}  # `logger.info(text, extra=BARE)`: a closing summary, shown on the console as it is
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, console: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        self.console = console
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if self.console and getattr(record, "bare", False) else super().format(record)
 
 
 def setup_logging(output_dir: str | None = None, rank: int = 0) -> None:
-    """Configure the root logger: INFO to stdout (and output_dir/train.log) on rank 0,
-    WARNING only on other ranks. Calling it again replaces the handlers it added."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, _HANDLER_TAG, False):
-            root.removeHandler(handler)
-            handler.close()
+    """Configure the root logger: INFO to stdout and output_dir/train.log on rank 0, WARNING only on other ranks.
+    Until output_dir is given (None: the folder may not be written yet), rank 0 keeps its records and writes them
+    at the top of train.log then: the log starts with the console's first line. A new call replaces the handlers."""
+    root, early = logging.getLogger(), []
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_TAG, None)]:
+        early += getattr(handler, "buffer", [])
+        root.removeHandler(handler)
+        handler.close()
     level = logging.INFO if rank == 0 else logging.WARNING
     root.setLevel(level)
-    formatter = logging.Formatter(_LOG_FORMAT, datefmt=_LOG_DATEFMT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if output_dir is not None and rank == 0:
+    handlers: dict[logging.Handler, str] = {logging.StreamHandler(sys.stdout): "console"}
+    if rank == 0 and output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log"), mode="a"))
-    for handler in handlers:
+        handlers[logging.FileHandler(os.path.join(output_dir, "train.log"), mode="a")] = "file"
+    elif rank == 0:  # keeps the records (flushLevel above CRITICAL: it never flushes by level, and has no target)
+        handlers[logging.handlers.MemoryHandler(10 ** 6, flushLevel=logging.CRITICAL + 1)] = "file"
+    for handler, kind in handlers.items():
         handler.setLevel(level)
-        handler.setFormatter(formatter)
-        setattr(handler, _HANDLER_TAG, True)
+        handler.setFormatter(_Formatter(console=kind == "console"))
+        setattr(handler, _HANDLER_TAG, kind)
         root.addHandler(handler)
-
+        for record in early if kind == "file" else []:
+            handler.handle(record)
 
 
 def warn_once(message: str, *args) -> None:
@@ -383,7 +396,7 @@ def warn_once(message: str, *args) -> None:
         logging.getLogger('train_retrieval').warning(message, *args)
 
 # --------------------------------------------------------------------------- #
-# Schedules
+# Schedules and seeding
 # --------------------------------------------------------------------------- #
 def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:
     """Cosine decay from init_lr (epoch 0) to min_lr (epoch max_epoch), set once per epoch."""
@@ -405,20 +418,11 @@ def ramp_alpha(alpha: float, epoch: int, step: int, steps_per_epoch: int) -> flo
     return alpha * min(1.0, step / steps_per_epoch)
 
 
-# --------------------------------------------------------------------------- #
-# Seeding
-# --------------------------------------------------------------------------- #
 def seed_everything(seed: int) -> None:
-    """Seed python's random, numpy (if installed) and torch (CPU and all GPUs)."""
+    """Seed python's random, numpy and torch (CPU and all GPUs)."""
     random.seed(seed)
-    try:
-        import numpy as np
-    except ImportError:
-        pass
-    else:
-        np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
 
 
 # --------------------------------------------------------------------------- #

@@ -206,6 +206,17 @@ def create_train_loader(
     return loader
 
 
+def drop_last_message(size: int, batch_size: int, world_size: int) -> str:
+    """The line that says how many training captions each epoch leaves out, and why ('' when none)."""
+    steps = size // world_size // batch_size  # the sampler's share per rank, then full batches only
+    left_out = size - steps * batch_size * world_size
+    if not left_out:
+        return ''
+    return (f'Each epoch leaves out {left_out} of the {size} training captions (other ones each epoch): the shuffled '
+            f'captions fill {steps} full batch{"es" if steps != 1 else ""} of {batch_size * world_size} and the '
+            'last, partial batch is dropped (drop_last, as in the original)')
+
+
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
     """Point a training loader's sampler and dataset at ``epoch``, skipping ``start_batch`` batches."""
     loader.sampler.set_epoch(epoch)

@@ -93,8 +93,9 @@ def query_pair(split: str, direction: str, query: int, a: dict, b: dict, thumbs:
         if direction == 't2i':
             block = html.t2i_query(query, str(arrays['texts'][query]), hits, gt, note=f'rank {gt.rank + 1}')
         else:
+            label = html.query_label('image', query, arrays['images'][query])
             block = html.i2t_query(query, thumbs.get(thumb_name(split, query)), hits, gt,
-                                   note=f'image {query} ({arrays["images"][query]}): best caption at rank {gt.rank + 1}')
+                                   note=f'{label}: best caption at rank {gt.rank + 1}')
         columns.append(f'<div><h4>{esc(name)}</h4>{block}</div>')
     return f'<div class="side" data-query="{query}">{"".join(columns)}</div>'
 

@@ -20,13 +20,16 @@ h3 { margin-top: 1.5em; } h4 { margin: 1em 0 .3em; color: #555; }
 table.recall, table.counts { border-collapse: collapse; margin: .5em 0; }
 table.recall th, table.recall td, table.counts th, table.counts td { border: 1px solid #ccc; padding: .25em .6em;
        text-align: right; }
-table.recall tr.paper td, table.recall tr.paper th { color: #666; font-style: italic; }
+table.recall tr.paper td, table.recall tr.paper th, table.recall tr.chance td, table.recall tr.chance th {
+       color: #666; font-style: italic; }
 .plots img { max-width: 49%; height: auto; border: 1px solid #eee; }
 .query { border: 1px solid #e3e3e3; border-radius: 6px; padding: .5em .7em; margin: .6em 0; background: #fafafa; }
 .query .caption { font-size: 1.05em; margin: 0 0 .4em; }
 .query .where { color: #777; font-size: .9em; }
 .hits { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
-figure.hit { margin: 0; width: 150px; border: 3px solid transparent; border-radius: 4px; padding: 2px; }
+/* 164 px: the thumbnail and the line '= itm -0.123 + sim 0.456'; a longer one widens its figure, never breaks. */
+figure.hit { margin: 0; min-width: 164px; width: fit-content; border: 3px solid transparent; border-radius: 4px;
+       padding: 2px; }
 figure.hit img, figure.probe img { width: 140px; height: 140px; object-fit: contain; display: block;
        background: #f0f0f0; }
 .noimg { width: 120px; height: 90px; background: #eee; color: #999; font-size: .8em; text-align: center;
@@ -34,6 +37,10 @@ figure.hit img, figure.probe img { width: 140px; height: 140px; object-fit: cont
 figure.hit.correct { border-color: #2ca02c; background: #eef8ee; }
 figure.hit.extra { border-style: dashed; }
 figcaption, .nums { font-size: .8em; color: #444; font-family: Menlo, Consolas, monospace; }
+figcaption .nums { font-size: 1em; }
+.nums { white-space: nowrap; }
+/* A path takes the figure's width (set by the thumbnail and the number lines) and wraps anywhere in it. */
+figcaption .path { display: block; width: 0; min-width: 100%; overflow-wrap: anywhere; }
 .i2t-row { display: flex; gap: 12px; align-items: flex-start; }
 figure.probe { margin: 0; }
 ol.captions { margin: 0; padding-left: 0; list-style: none; }
@@ -81,13 +88,20 @@ class Hit:
         return None if self.score is None or self.sim is None else self.score - self.sim
 
 
-def numbers(hit: Hit) -> str:
-    """'score 1.234 = itm 0.778 + sim 0.456' (3 decimals), or the similarity alone when not re-ranked."""
+def numbers(hit: Hit) -> tuple[str, ...]:
+    """('score 1.234', '= itm 0.778 + sim 0.456') (3 decimals), or the similarity alone when not re-ranked: the
+    parts of one formula, each shown unbroken (under a thumbnail, one per line)."""
     if hit.sim is None:
-        return ''
+        return ()
     if hit.score is None:
-        return f'sim {hit.sim:.3f} (not re-ranked)'
-    return f'score {hit.score:.3f} = itm {hit.itm:.3f} + sim {hit.sim:.3f}'
+        return f'sim {hit.sim:.3f}', '(not re-ranked)'
+    return f'score {hit.score:.3f}', f'= itm {hit.itm:.3f} + sim {hit.sim:.3f}'
+
+
+def query_label(kind: str, index: int, path: Optional[str] = None) -> str:
+    """'image 51 (0-based id; file images/val_00052.jpg)': ids count from 0 in the split's annotation order, as in
+    ranks_<split>.npz, while a dataset's file names may count from 1."""
+    return f'{kind} {index} (0-based id' + (f'; file {path})' if path else ')')
 
 
 def _classes(hit: Hit, extra: bool) -> str:
@@ -110,17 +124,20 @@ def image_tag(src: Optional[str], alt: str) -> str:
 def image_hit(hit: Hit, extra: bool = False) -> str:
     """A thumbnail with its rank and numbers; the ground truth outlined; `extra`: shown outside the top 5."""
     label = f'ground truth at rank {hit.rank + 1}' if extra else f'#{hit.rank + 1}'
-    path = f'<br>{esc(hit.text)}' if hit.text else ''
+    parts = [f'<span class="nums">{esc(part)}</span>' for part in numbers(hit)]
+    lines = [label] + parts if extra or not parts else [f'{label} {parts[0]}'] + parts[1:]
+    path = f'<span class="path">{esc(hit.text)}</span>' if hit.text else ''
     return (f'<figure class="{_classes(hit, extra)}" data-index="{hit.index}" data-rank="{hit.rank}">'
             f'{image_tag(hit.thumb, f"image {hit.index}")}'
-            f'<figcaption>{label}<br>{esc(numbers(hit))}{path}</figcaption></figure>')
+            f'<figcaption>{" <br>".join(lines)}{path}</figcaption></figure>')
 
 
 def text_hit(hit: Hit, extra: bool = False) -> str:
     mark = {True: '&#10003;', False: '&#10007;', None: ''}[hit.correct]
     label = f'ground truth at rank {hit.rank + 1}:' if extra else f'#{hit.rank + 1}'
     return (f'<li class="{_classes(hit, extra)}" data-index="{hit.index}" data-rank="{hit.rank}">'
-            f'<span class="mark">{mark}</span> {label} {esc(hit.text)} <span class="nums">{esc(numbers(hit))}</span>'
+            f'<span class="mark">{mark}</span> {label} {esc(hit.text)} '
+            f'<span class="nums">{esc(" ".join(numbers(hit)))}</span>'
             '</li>')
 
 

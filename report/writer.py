@@ -17,6 +17,7 @@ import numpy as np
 from atomic import atomic_folder, atomic_write_bytes
 from evaluation import describe_protocol, protocol
 from data.retrieval_dataset import ImagePathResolver
+from evaluation import chance_recall
 import report.html as html
 from report.files import npz_bytes
 from report.html import Hit, esc
@@ -65,7 +66,7 @@ def t2i_block(summary: SplitSummary, text: int, thumbs: Mapping[str, str], top: 
              score=summary.score(summary.t2i_gt_score[text]), correct=True,
              thumb=thumbs.get(thumb_name(split, image)))
     return html.t2i_query(text, summary.texts[text], hits, gt,
-                          note=f'text {text}: its image ranks {gt.rank + 1}')
+                          note=f'{html.query_label("text", text)}: its image ranks {gt.rank + 1}')
 
 
 def i2t_block(summary: SplitSummary, image: int, thumbs: Mapping[str, str], top: int = GALLERY_TOP) -> str:
@@ -78,7 +79,8 @@ def i2t_block(summary: SplitSummary, image: int, thumbs: Mapping[str, str], top:
     gt = Hit(rank=int(summary.i2t_rank[image]), index=best, sim=float(summary.i2t_gt_sim[image]),
              score=summary.score(summary.i2t_gt_score[image]), correct=True, text=summary.texts[best])
     return html.i2t_query(image, thumbs.get(thumb_name(summary.split, image)), hits, gt,
-                          note=f'image {image} ({summary.images[image]}): its best caption ranks {gt.rank + 1}')
+                          note=f'{html.query_label("image", image, summary.images[image])}: its best caption ranks '
+                               f'{gt.rank + 1}')
 
 
 def images_shown(summary: SplitSummary, t2i: list[int], i2t: list[int], top: int = GALLERY_TOP) -> set[int]:
@@ -89,7 +91,8 @@ def images_shown(summary: SplitSummary, t2i: list[int], i2t: list[int], top: int
     return shown
 
 
-def recall_table(summary: SplitSummary, paper: Optional[tuple[str, dict]]) -> str:
+def recall_table(summary: SplitSummary, paper: Optional[tuple[str, dict]], chance: dict) -> str:
+    """This run's recall, the paper's (an official checkpoint) and chance's (a random ranking of this split)."""
     head = ('<tr><th></th><th colspan="3">TR: image &rarr; text</th><th colspan="3">IR: text &rarr; image</th>'
             '<th>r_mean</th></tr><tr><th></th>' + ''.join(f'<th>{label}</th>' for _, label in METRIC_COLUMNS)
             + '</tr>')
@@ -101,11 +104,14 @@ def recall_table(summary: SplitSummary, paper: Optional[tuple[str, dict]]) -> st
         cells = ''.join(f'<td>{values[key]:.1f}</td>' if key in values else '<td>&ndash;</td>'
                         for key, _ in METRIC_COLUMNS)
         rows.append(f'<tr class="paper"><th>{esc(label)}</th>{cells}</tr>')
+    cells = ''.join(f'<td data-chance="{key}" data-value="{chance[key]!r}">{chance[key]:.2f}</td>'
+                    for key, _ in METRIC_COLUMNS)
+    rows.append(f'<tr class="chance"><th>chance (random ranking)</th>{cells}</tr>')
     return f'<table class="recall" data-split="{esc(summary.split)}">' + ''.join(rows) + '</table>'
 
 
 def split_section(summary: SplitSummary, thumbs: Mapping[str, str], queries: dict[str, tuple[list, list]],
-                  paper: Optional[tuple[str, dict]]) -> str:
+                  paper: Optional[tuple[str, dict]], chance: dict) -> str:
     split = summary.split
     n_images, n_texts = len(summary.images), len(summary.texts)
     galleries = []
@@ -117,12 +123,14 @@ def split_section(summary: SplitSummary, thumbs: Mapping[str, str], queries: dic
         galleries.append(html.section(title, blocks, f'gallery {direction}', attrs=f' data-split="{esc(split)}"'))
     return (f'<section class="split" id="split-{esc(split)}" data-split="{esc(split)}">'
             f'<h2>{esc(split)}: {n_images} images, {n_texts} captions</h2>\n'
-            f'{recall_table(summary, paper)}\n'
+            f'{recall_table(summary, paper, chance)}\n'
             f'<p class="meta">Ranks of every query: <a href="ranks_{esc(split)}.npz">ranks_{esc(split)}.npz</a>. '
-            + ('Protocol itc (k_test 0): the score is the contrastive similarity (sim); nothing is re-ranked.</p>\n'
+            + ('Protocol itc (k_test 0): the score is the contrastive similarity (sim); nothing is re-ranked. '
                if summary.k_test == 0 else
                'Score = matching logit (itm) + contrastive similarity (sim) for the top k_test candidates; '
-               'the others are not re-ranked.</p>\n')
+               'the others are not re-ranked. ')
+            + 'Ranks count from 1 (#1: the best); image and text ids from 0, in the '
+              "split's annotation order, as in the ranks file.</p>\n"
             + f'<div class="plots"><img src="recall_{esc(split)}.png" alt="Recall@K, {esc(split)}">'
             f'<img src="ranks_{esc(split)}.png" alt="ranks of the ground truth, {esc(split)}"></div>\n'
             + '\n'.join(galleries) + '\n</section>')
@@ -159,16 +167,16 @@ def write_evaluation_report(output_dir: str, scores: Mapping[str, SplitScores], 
             (t2i_worst, t2i_sample), (i2t_worst, i2t_sample) = queries['t2i'], queries['i2t']
             for image in sorted(images_shown(summary, t2i_worst + t2i_sample, i2t_worst + i2t_sample)):
                 thumb_sources[thumb_name(split, image)] = resolver.resolve(dataset.image[image])
-            pages.append((summary, queries))
+            pages.append((summary, queries, chance_recall(dataset.txt2img, dataset.img2txt)))
         thumbs_began = time.time()
         thumbs = write_thumbnails(thumb_sources, staging, config['report_thumb_px'])
         thumbs_took = time.time() - thumbs_began
         fine_tune = epoch is not None
-        for summary, queries in pages:
+        for summary, queries, chance in pages:
             paper = paper_numbers(config.get('pretrained'), config.get('dataset', ''), summary.split, fine_tune)
-            sections.append(split_section(summary, thumbs, queries, paper))
+            sections.append(split_section(summary, thumbs, queries, paper, chance))
         body = (f'<h1>Retrieval report</h1>\n<p class="meta">{_run_line(config, epoch)}</p>\n'
-                + '<nav>' + ''.join(f'<a href="#split-{esc(s.split)}">{esc(s.split)}</a>' for s, _ in pages)
+                + '<nav>' + ''.join(f'<a href="#split-{esc(s.split)}">{esc(s.split)}</a>' for s, _, _ in pages)
                 + '</nav>\n' + '\n'.join(sections))
         atomic_write_bytes(os.path.join(staging, INDEX), html.page('Retrieval report', body).encode('utf-8'))
     _logger.info('Report written to %s in %.2f s (%d thumbnails in %.2f s)', target, time.time() - began,

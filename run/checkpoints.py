@@ -126,7 +126,19 @@ def save_last(path: str, model, optimizer, config: dict, state: RunState,
                            'batch_size_train': config['batch_size_train'], 'world_size': utils.get_world_size(),
                            'accum_steps': accum_steps},
         }, path)
-        _logger.info('Saved %s (epoch %d, step %d)', path, state.epoch, state.step)
+        _logger.info('Saved %s %s', path, saved_position(state, config['max_epoch']))
+
+
+def saved_position(state: RunState, max_epoch: int) -> str:
+    """Where a checkpoint_last.pth stands, in words: epochs count from 0, and (epoch 8, step 0) is after epoch 7."""
+    if state.step == 0:
+        if state.epoch == 0:
+            return 'before the first step'
+        last = ' (the last)' if state.epoch == max_epoch else ''
+        return f'after epoch {state.epoch - 1}{last}'
+    if state.step == state.steps_per_epoch:
+        return f"after epoch {state.epoch}'s training, before its evaluation"
+    return f'after {state.step} of the {state.steps_per_epoch} steps of epoch {state.epoch}'
 
 
 def save_best(path: str, model, optimizer, config: dict, epoch: int, val_r_mean: float) -> None:

@@ -290,3 +290,42 @@ def test_tensorboard_after_a_crash_and_resume_has_each_step_once(tmp_path, data,
     assert steps['val/r_mean'] == steps['test/r_mean'] == [15, 30]
     log = read_jsonl(out / 'log.txt')
     assert [r['epoch'] for r in log] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- what the demo says
+def test_train_log_holds_the_first_console_line_and_the_closing_summary(demo_run):
+    """The README says the log's first line names the output folder: train.log starts as the console does (the
+    lines before the folder could be written are kept for it) and ends with the summary the console ends with."""
+    console = demo_run['stdout'].splitlines()
+    log = (demo_run['out'] / 'train.log').read_text().splitlines()
+    assert console[0].endswith(f" INFO train_retrieval: Output folder: {demo_run['out']}"), console[:3]
+    assert log[0] == console[0]
+    first_logged = console.index(next(line for line in console if 'Building the model' in line))
+    assert log[:first_logged + 1] == console[:first_logged + 1]  # every line before the folder existed, in order
+    summary = console[console.index(next(line for line in console if line.startswith('Training done: '))):]
+    assert summary[-1].startswith('  report of the best epoch') and len(summary) >= 5
+    assert log[-len(summary):] == [log[-len(summary)]] + summary[1:]
+    assert log[-len(summary)].endswith(f' INFO train_retrieval: {summary[0]}')
+
+
+def test_the_captions_an_epoch_leaves_out_are_counted_at_start(demo_run):
+    """The demo's 3,000 training captions in batches of 32: the step trace shows what an epoch used."""
+    with open(demo_run['data'] / 'annotation' / 'demo_train.json') as f:
+        captions = len(json.load(f))
+    with open(demo_run['trace']) as f:
+        used = sum(len(step['caption']) for step in map(json.loads, f) if step['epoch'] == 0)
+    assert 0 < used < captions
+    lines = [line for line in demo_run['stdout'].splitlines() if 'leaves out' in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f'INFO train_retrieval: Each epoch leaves out {captions - used} of the {captions} training captions (other '
+        f'ones each epoch): the shuffled captions fill {used // 32} full batches of 32 and the last, partial batch is '
+        'dropped (drop_last, as in the original)'), lines
+
+
+def test_the_last_checkpoint_says_after_which_epoch_it_was_saved(demo_run):
+    saved = [line.split(' INFO train_retrieval: ')[1] for line in demo_run['stdout'].splitlines()
+             if 'checkpoint_last.pth' in line and 'Saved' in line]
+    last = os.path.join(demo_run['out'], 'checkpoint_last.pth')
+    assert saved[-1] == f'Saved {last} after epoch 4 (the last)'  # DEMO_EPOCHS = 5: epochs 0 to 4
+    assert saved[0] == f"Saved {last} after epoch 0's training, before its evaluation" and \
+        saved[1] == f'Saved {last} after epoch 0'

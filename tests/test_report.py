@@ -25,7 +25,7 @@ from test_train_retrieval import base_args, read_jsonl, tiny_options
 import train_retrieval
 from config import ConfigError, load_config
 from data import create_datasets, create_eval_loader
-from evaluation import evaluate_scores, recall_metrics, retrieval_ranks
+from evaluation import chance_recall, evaluate_scores, recall_metrics, retrieval_ranks
 from models import blip_retrieval
 from report import summary as report_summary
 from report.files import npz_bytes
@@ -46,6 +46,7 @@ class ReportPage(HTMLParser):
     def __init__(self):
         super().__init__()
         self.recall = {}    # (split, metric) -> value
+        self.chance = {}    # (split, metric) -> the value of a random ranking
         self.queries = []   # {'split', 'direction', 'query', 'gt', 'gt_rank', 'hits': [...]} in page order
         self.images = []    # every <img src>
         self.split = None
@@ -58,6 +59,8 @@ class ReportPage(HTMLParser):
             self.split = attrs['data-split']
         if tag == 'td' and 'data-metric' in attrs:
             self.recall[(self.split, attrs['data-metric'])] = float(attrs['data-value'])
+        if tag == 'td' and 'data-chance' in attrs:
+            self.chance[(self.split, attrs['data-chance'])] = float(attrs['data-value'])
         if tag == 'img':
             self.images.append(attrs['src'])
         if tag == 'div' and 'query' in classes:
@@ -133,6 +136,10 @@ def test_evaluate_report_equals_the_metrics_and_the_score_matrices_and_two_proce
                                          with_similarity=True)
         ranks_i2t, ranks_t2i = retrieval_ranks(i2t, t2i, dataset.txt2img, dataset.img2txt)
         metrics = recall_metrics(i2t, t2i, dataset.txt2img, dataset.img2txt)
+        # Beside the recall table, chance: what a random ranking of this split scores.
+        chance = chance_recall(dataset.txt2img, dataset.img2txt)
+        assert {key: value for (s, key), value in page.chance.items() if s == split} == \
+            {key: chance[key] for key in ('txt_r1', 'txt_r5', 'txt_r10', 'img_r1', 'img_r5', 'img_r10', 'r_mean')}
 
         # ranks_<split>.npz: the protocol's ranks (ties as evaluation orders them) and top-10 ids.
         with np.load(report / f'ranks_{split}.npz', allow_pickle=False) as npz:
@@ -183,6 +190,13 @@ def test_evaluate_report_equals_the_metrics_and_the_score_matrices_and_two_proce
         worst, sample = pick_queries(ranks_t2i, 6)
         assert [q['query'] for q in shown if q['direction'] == 't2i'] == worst + sample
 
+    # Image ids count from 0 and say so, beside the file they name (whose own number may count from 1).
+    sections = re.findall(r'<section class="split" id="split-(\w+)"(.*?)(?=<section class="split"|</body>)',
+                          (report / 'index.html').read_text(), flags=re.S)
+    assert [split for split, _ in sections] == ['val', 'test']
+    for split, section in sections:
+        noted = re.findall(r'image (\d+) \(0-based id; file ([^)]+)\): its best caption ranks', section)
+        assert noted and all(datasets[split].image[int(i)] == path for i, path in noted), noted
     # Thumbnails: small JPEGs inside the report, one per image shown, nothing linked outside the folder.
     assert page.images and all(not src.startswith(('/', 'http', 'file:', '..')) for src in page.images)
     thumbs = sorted({src for src in page.images if src.startswith('thumbs/')})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -77,9 +78,41 @@ def test_demo_report_opens_offline_in_chromium(browser, demo_run, tmp_path):
     assert [src for src, width in images if width == 0] == []  # every image loaded
     count = lambda selector: browser.execute_script(f'return document.querySelectorAll({selector!r}).length')
     assert count('table.recall') == 2 and count('table.recall td[data-metric]') == 14
+    # Chance beside each recall table: what the console's summary printed for the split.
+    chance = browser.execute_script('return Array.from(document.querySelectorAll("table.recall tr.chance '
+                                    'td[data-chance=r_mean]")).map(td => [td.closest("table").dataset.split, '
+                                    'td.textContent])')
+    printed = re.findall(r'^  (val|test) +r_mean .*\(chance r_mean ([\d.]+)\)$', demo_run['stdout'], flags=re.M)
+    assert len(printed) == 2 and sorted(map(tuple, chance)) == sorted(printed), (chance, printed)
+    assert count('table.recall tr.chance td[data-chance]') == 14
     for direction in ('t2i', 'i2t'):
         assert count(f'section.gallery.{direction}') == 2, direction  # val and test
         assert count(f'section.gallery.{direction} .query') == 2 * 24, direction
+
+    # At 1280 px: under each thumbnail the score and its formula each stay on one line inside the figure, and
+    # a query's top 5 stay in one row.
+    browser.execute_cdp_cmd('Emulation.setDeviceMetricsOverride', {  # the viewport exactly, whatever the window
+        'width': WINDOW[0], 'height': WINDOW[1], 'deviceScaleFactor': 1, 'mobile': False})
+    layout = browser.execute_script('''
+        const figures = Array.from(document.querySelectorAll('figure.hit'));
+        const broken = [], outside = [], rows = [];
+        for (const figure of figures) {
+            const box = figure.getBoundingClientRect();
+            for (const nums of figure.querySelectorAll('.nums')) {
+                const line = nums.getBoundingClientRect();
+                if (nums.getClientRects().length !== 1) broken.push(nums.textContent);
+                if (line.left < box.left || line.right > box.right - 5) outside.push(nums.textContent);
+            }
+        }
+        for (const hits of document.querySelectorAll('.t2i .hits')) {
+            const tops = Array.from(hits.querySelectorAll('figure.hit:not(.extra)'), f => f.getBoundingClientRect().top);
+            rows.push(new Set(tops).size);
+        }
+        return {figures: figures.length, lines: document.querySelectorAll('figure.hit .nums').length,
+                broken: broken, outside: outside, rows: rows};
+    ''')
+    assert layout['figures'] > 100 and layout['lines'] == 2 * layout['figures'], layout  # all re-ranked (k_test 16)
+    assert layout['broken'] == [] and layout['outside'] == [] and set(layout['rows']) == {1}, layout
 
     sent = requests_sent(browser)
     ours = [r['request']['url'] for r in sent if r.get('documentURL', '').startswith('file:')]
@@ -90,8 +123,6 @@ def test_demo_report_opens_offline_in_chromium(browser, demo_run, tmp_path):
                                                                                           'ftp')] == []
 
     shot = tmp_path / 'report.png'
-    browser.execute_cdp_cmd('Emulation.setDeviceMetricsOverride', {  # the viewport exactly, whatever the window
-        'width': WINDOW[0], 'height': WINDOW[1], 'deviceScaleFactor': 1, 'mobile': False})
     browser.save_screenshot(str(shot))
     with Image.open(shot) as image:
         assert image.size == WINDOW

@@ -6,6 +6,7 @@ ranking is checked against a brute-force computation with the model's public met
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -16,6 +17,7 @@ import torch
 from conftest import DEMO_CONFIG
 
 import search
+import utils
 from config import load_config
 from data import pre_caption
 from data.image_folder import open_rgb, scan_images
@@ -200,11 +202,29 @@ def test_a_folder_without_images_gives_a_clear_message(demo_run, tmp_path, capsy
     (tmp_path / 'empty' / 'readme.txt').write_text('no pictures here')
     code, _ = run_search(demo_run, tmp_path, '--images', str(tmp_path / 'empty'), '--query', 'a red circle')
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == search.EXIT_USER_ERROR and not (tmp_path / 'empty.blip_index.npz').exists()
+    assert code == utils.EXIT_USER_ERROR and not (tmp_path / 'empty.blip_index.npz').exists()
     assert err[-1] == (f'error: --images {tmp_path / "empty"}: no images found (JPEG, PNG or WebP files, searched '
                        'recursively); point --images at a folder that holds some')
     code, _ = run_search(demo_run, tmp_path, '--images', str(tmp_path / 'nowhere'), '--query', 'a red circle')
-    assert code == search.EXIT_USER_ERROR and 'no such folder' in capsys.readouterr().err
+    assert code == utils.EXIT_USER_ERROR and 'no such folder' in capsys.readouterr().err
+
+
+def test_query_words_the_vocabulary_lacks_are_named_in_one_warning(demo_run, photos, tmp_path, caplog):
+    folder, _ = photos
+    model, _ = demo_model(demo_run)
+    ids = model.tokenizer('a crimson dodecahedron')['input_ids']  # the demo's vocabulary: colours and shapes
+    assert ids.count(model.tokenizer.unk_token_id) == 2 and model.tokenizer.unk_token == '[UNK]'
+    with caplog.at_level(logging.WARNING, logger='search'):
+        code, hits = run_search(demo_run, tmp_path, '--images', str(folder), '--query', 'A crimson dodecahedron!',
+                                'a red circle', 'crimson', '--top', '2')
+    assert code == 0 and len(hits) == 3  # results all the same, now with a word about them
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["Query words that the model's vocabulary does not have, each read as [UNK] (the model does "
+                        "not see which word it was): 'crimson', 'dodecahedron'"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='search'):
+        assert run_search(demo_run, tmp_path, '--images', str(folder), '--query', 'a red circle')[0] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_image_to_captions_ranks_its_own_captions_first(demo_run, tmp_path):

@@ -57,13 +57,14 @@ def test_the_readme_sets_up_in_two_commands_and_ci_runs_the_second():
     ('2.14.1', '0.29.1', None),
     ('2.4.0+cu121', '0.19.0+cu121', None),
     ('2.13.0+cpu', '0.29.1', 'torch 2.13.0+cpu and torchvision 0.29.1 do not go together (torch 2.13 needs '
-                             'torchvision 0.28); fix it with: pip install --force-reinstall torch==2.13.0 '
-                             'torchvision==0.28.0 (or, CPU-only wheels: the same with --index-url '
+                             'torchvision 0.28); fix it with: pip install --force-reinstall torch===2.13.0 '
+                             'torchvision===0.28.0 (or, to keep the cpu build: pip install --force-reinstall '
+                             'torch==2.13.0+cpu torchvision==0.28.0+cpu --index-url '
                              'https://download.pytorch.org/whl/cpu)'),
     ('2.14.1', '0.28.0', 'torch 2.14.1 and torchvision 0.28.0 do not go together (torch 2.14 needs torchvision '
-                         '0.29); fix it with: pip install --force-reinstall torch==2.14.1 torchvision==0.29.1'),
+                         '0.29); fix it with: pip install --force-reinstall torch===2.14.1 torchvision===0.29.1'),
     ('2.5.1', None, 'torchvision is not installed (torch 2.5.1 needs torchvision 0.20.1); fix it with: pip install '
-                    '--force-reinstall torch==2.5.1 torchvision==0.20.1'),
+                    '--force-reinstall torch===2.5.1 torchvision===0.20.1'),
 ])
 def test_torchvision_pairs_with_torch_by_version(torch_version, torchvision_version, expected):
     assert install_check.pair_problem(torch_version, torchvision_version) == expected
@@ -79,7 +80,7 @@ def test_a_version_mismatch_stops_before_torchvision_is_imported(monkeypatch, ca
     assert stopped.value.code == EXIT_USER_ERROR and imported == []
     assert capsys.readouterr().err == ('error: torch 2.14.1 and torchvision 0.28.0 do not go together (torch 2.14 '
                                        'needs torchvision 0.29); fix it with: pip install --force-reinstall '
-                                       'torch==2.14.1 torchvision==0.29.1\n')
+                                       'torch===2.14.1 torchvision===0.29.1\n')
 
 
 @pytest.fixture(scope='module')
@@ -103,12 +104,12 @@ def test_a_torchvision_of_another_torch_stops_every_entry_point_in_one_line(brok
                             timeout=300)
     lines = (result.stdout + result.stderr).splitlines()
     torch_version = install_check.installed_version('torch')
-    plain = torch_version.split('+')[0]
+    plain = '.'.join(map(str, install_check.release(torch_version)))
     assert result.returncode == EXIT_USER_ERROR and len(lines) == 1, lines
     assert lines[0].startswith(f'error: torch {torch_version} and torchvision ')
     assert '(importing torchvision: operator torchvision::nms does not exist)' in lines[0]
-    assert (f'fix it with: pip install --force-reinstall torch=={plain} '
-            f'torchvision=={install_check.paired_torchvision(torch_version)}') in lines[0]
+    assert (f'fix it with: pip install --force-reinstall torch==={plain} '
+            f'torchvision==={install_check.paired_torchvision(torch_version)}') in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------- file modes

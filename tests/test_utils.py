@@ -174,6 +174,20 @@ def test_setup_logging_is_idempotent_and_writes_file(tmp_path: Path, restore_roo
     assert len(root.handlers) == count + 1 and root.level == logging.WARNING
 
 
+def test_lines_before_the_output_folder_open_train_log_and_a_summary_is_bare_on_the_console(
+        tmp_path: Path, restore_root_logger, capsys) -> None:
+    utils.setup_logging(None, rank=0)  # the folder may not be written yet
+    logging.getLogger("train_retrieval").info("Output folder: %s", tmp_path)
+    utils.setup_logging(str(tmp_path), rank=0)
+    logging.getLogger("train_retrieval").info("%s", "Training done\n  val r_mean 1.00", extra=utils.BARE)
+    console = capsys.readouterr().out.splitlines()
+    log = (tmp_path / "train.log").read_text().splitlines()
+    assert console[0].endswith(f"INFO train_retrieval: Output folder: {tmp_path}") and log[0] == console[0]
+    assert console[1:] == ["Training done", "  val r_mean 1.00"]  # as printed, without the log prefix
+    assert log[1].endswith(" INFO train_retrieval: Training done") and log[2:] == ["  val r_mean 1.00"]
+    assert len(log) == 3
+
+
 def test_progress_logger_line(caplog) -> None:
     progress = ProgressLogger(total_steps=906, header="Train Epoch [0]", log_every=50)
     with caplog.at_level(logging.INFO, logger="run.progress"):
