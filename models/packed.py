@@ -16,7 +16,7 @@ half precision only, and nothing packs an encoder with cross-attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from models.med import TEXT_ATTENTION_BACKENDS, BertLayer, ImageKV, TextEncoder,
 class PackedPairs:
     """A batch of pairs as packed tokens (B pairs, T tokens), with what attention needs to restore the pairs."""
     input_ids: torch.Tensor    # (T,) every pair's tokens, pair after pair
+    pair: torch.Tensor         # (T,) each token's pair
     positions: torch.Tensor    # (T,) each token's position in its caption
     padded_rows: torch.Tensor  # (T,) each token's row in the (B * longest) padded layout
     key_mask: torch.Tensor     # (B, longest) 1 for tokens, 0 for padding
@@ -52,7 +53,8 @@ def pack_pairs(text_ids: torch.Tensor, texts: torch.Tensor, lengths: torch.Tenso
     positions = torch.arange(tokens, device=device) - starts[pair]
     image_tokens = [int(part.sum()) for part in torch.split(host_lengths, list(pairs_per_image))]
     return PackedPairs(
-        input_ids=text_ids[texts[pair], positions], positions=positions, padded_rows=pair * longest + positions,
+        input_ids=text_ids[texts[pair], positions], pair=pair, positions=positions,
+        padded_rows=pair * longest + positions,
         key_mask=(torch.arange(longest, device=device)[None, :] < lengths[:, None]).long(), first=starts,
         image_tokens=image_tokens, image_pairs=list(pairs_per_image))
 
@@ -65,30 +67,41 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pairs_per
                       pairs_per_image)
 
 
-def _self_attention(layer: BertLayer, hidden: torch.Tensor, packed: PackedPairs, bias: torch.Tensor,
-                    last: bool) -> torch.Tensor:
+class _Padded:
+    """Queries, keys and values of a batch in the (B * longest, hidden) padded layout, padding rows 0.
+
+    Without gradients the same buffers serve every layer (the token rows are overwritten, the padding rows stay
+    0): no allocation and no zero-filling per layer. With gradients each layer gets its own (autograd keeps them).
+    """
+
+    def __init__(self, packed: PackedPairs):
+        self.rows = packed.padded_rows
+        self.size = packed.key_mask.numel()
+        self.buffers: list[Optional[torch.Tensor]] = [None, None, None]
+
+    def put(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers[i]
+        if buffer is None or buffer.dtype != x.dtype or torch.is_grad_enabled():
+            buffer = x.new_zeros(self.size, x.shape[1])
+            self.buffers[i] = buffer
+        return buffer.index_copy_(0, self.rows, x)
+
+
+def _self_attention(layer: BertLayer, hidden: torch.Tensor, packed: PackedPairs, padded: _Padded,
+                    bias: torch.Tensor, last: bool) -> torch.Tensor:
     """Self-attention block of every token, or (last) of each pair's first token; returns its rows (T or B)."""
     attn = layer.attention.self
     pairs, longest = packed.key_mask.shape
     heads, dim = attn.num_heads, attn.head_dim
-    width = hidden.shape[1]
-    query_rows = hidden.index_select(0, packed.first) if last else hidden
-    keys = attn.key(hidden)  # (T, hidden), in autocast's dtype
-    padded = keys.new_zeros(3, pairs * longest, width)  # queries, keys, values; padding rows stay 0
-    padded[1].index_copy_(0, packed.padded_rows, keys)
-    padded[2].index_copy_(0, packed.padded_rows, attn.value(hidden))
     heads_of = lambda x, length: x.view(pairs, length, heads, dim).transpose(1, 2)  # (B, h, L, d)
-    if last:
-        q = heads_of(attn.query(query_rows), 1)
-    else:
-        padded[0].index_copy_(0, packed.padded_rows, attn.query(hidden))
-        q = heads_of(padded[0], longest)
+    query_rows = hidden.index_select(0, packed.first) if last else hidden
+    k = heads_of(padded.put(1, attn.key(hidden)), longest)
+    v = heads_of(padded.put(2, attn.value(hidden)), longest)
+    q = heads_of(attn.query(query_rows), 1) if last else heads_of(padded.put(0, attn.query(hidden)), longest)
     dropout = attn.dropout_p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, heads_of(padded[1], longest), heads_of(padded[2], longest),
-                                         attn_mask=bias, dropout_p=dropout)
-    out = out.transpose(1, 2).reshape(-1, width)  # (B * L, hidden)
-    if not last:
-        out = out.index_select(0, packed.padded_rows)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout).transpose(1, 2)  # (B, L, h, d)
+    # Back to the rows of `query_rows`: one gather of the real tokens (the first tokens' rows are already in order).
+    out = out.reshape(pairs, -1) if last else out[packed.pair, packed.positions].view(hidden.shape[0], -1)
     return layer.attention.output(out, query_rows)
 
 
@@ -107,7 +120,7 @@ def _cross_attention(layer: BertLayer, hidden: torch.Tensor, counts: Sequence[in
             rows = slice(start, start + count)
             q_g = q[rows].view(1, count, heads, dim).transpose(1, 2)  # (1, h, rows, d)
             out_g = F.scaled_dot_product_attention(q_g, keys[g:g + 1], values[g:g + 1], dropout_p=dropout)
-            out[rows] = out_g[0].transpose(0, 1).reshape(count, -1)
+            out[rows].view(count, heads, dim).copy_(out_g[0].transpose(0, 1))
         start += count
     return layer.crossattention.output(out, hidden)
 
@@ -121,11 +134,12 @@ def first_token_hidden(encoder: TextEncoder, packed: PackedPairs, image_kv: Imag
     x = embeddings.word_embeddings(packed.input_ids) + embeddings.position_embeddings(packed.positions)
     hidden = embeddings.dropout(embeddings.LayerNorm(x))  # (T, hidden)
     bias = padding_bias(packed.key_mask, hidden.dtype)
+    padded = _Padded(packed)
     last = len(encoder.layers) - 1
     with sdpa_kernel(TEXT_ATTENTION_BACKENDS):
         for i, layer in enumerate(encoder.layers):
             is_last = i == last
-            hidden = _self_attention(layer, hidden, packed, bias, is_last)
+            hidden = _self_attention(layer, hidden, packed, padded, bias, is_last)
             counts = packed.image_pairs if is_last else packed.image_tokens
             hidden = _cross_attention(layer, hidden, counts, image_kv[i])
             hidden = layer.output(layer.intermediate(hidden), hidden)
