@@ -12,8 +12,8 @@ never runs (a quick look, or a sweep); any other `k_test` is the paper's protoco
 
 Two paths compute the same matrices:
 - `reference`: the original's loop, one query at a time, projecting the image tokens for every pair.
-- `fast`: every distinct (image, text) pair of both directions is scored once, in batches of pairs grouped by
-  image, with each image's cross-attention keys/values computed once per batch; pairs are split evenly
+- `fast`: every distinct (image, text) pair of both directions is scored once, in packed batches of pairs grouped
+  by image (no padding), with each image's cross-attention keys/values computed once; pairs are split evenly
   across ranks. The text encoder's last layer computes only the first token, the one that is scored.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 
 import utils
 from data.loaders import batches_of, create_eval_loader, shard_range
+from models import packed
 from models.tokenizer import MAX_TEXT_LENGTH, tokenize, with_enc_token
 from run.progress import ProgressLogger
 
@@ -36,10 +37,6 @@ _logger = logging.getLogger(__name__)
 
 SCORE_FILL = -100.0
 TEXT_BATCH = 256
-# Texts attending to one copy of an image's keys/values: an image's pairs are sorted by length, so small chunks
-# hold captions of one length. Not tuned on a GPU; on the 2-core CPU at 1024 pairs per batch, 8 / 16 / 32 took
-# 85 / 77 / 89 s (at the CPU default of 256 pairs the cap pair_batch // 8 is 32 anyway).
-TEXTS_PER_KV = 32
 # Pairs per matching forward: a GPU needs large batches to outrun the host's kernel launches; a 2-core CPU
 # is faster with batches that stay in its caches (benchmarks/bench_eval.py --batch).
 DEFAULT_PAIR_BATCH = {'cuda': 1024, 'cpu': 256}
@@ -165,9 +162,9 @@ def _merge_rows(scores: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Batch:
-    slots: slice    # its rows in the plan's slot arrays: `chunk` consecutive rows per image
-    chunks: slice   # its entries in `chunk_image`: which of the block's images each chunk attends to
-    length: int     # token columns kept: its longest caption (the padding all its captions share goes)
+    pairs: slice               # its positions in the plan's pair order
+    images: slice              # its images, as indices into its block's images (consecutive)
+    pairs_per_image: list[int]  # its pairs of each of those images, in order
 
 
 @dataclass
@@ -180,29 +177,13 @@ class _Block:
 class _Plan:
     """The whole schedule of the fast path, built on the host before any scoring.
 
-    Its index tensors go to the device once, so the scoring loop never waits for the device (a host-side
-    index per batch would stall the GPU queue at every forward).
+    Its index tensors go to the device once and every size a batch needs is a host number, so the scoring loop
+    never waits for the device (a host-side index per batch would stall the GPU queue at every forward).
     """
     blocks: list[_Block]
     block_images: torch.Tensor  # (I,) images of every block, in block order
-    slot_pair: torch.Tensor    # (S,) pair scored in each slot (padding slots repeat a real pair)
-    chunk_image: torch.Tensor  # (C,) index into its block's images
-    real_slots: torch.Tensor   # (P,) the slot that holds each pair, in pair order
-
-
-@dataclass
-class _Chunks:
-    """Runs of up to `width` pairs of one image (one copy of its keys/values), sorted by (block, longest caption)."""
-    image: torch.Tensor   # (C,) image number (0..images-1, in image order)
-    start: torch.Tensor   # (C,) first pair, as a position in the (image, length) order
-    size: torch.Tensor    # (C,) real pairs
-    length: torch.Tensor  # (C,) longest caption (the last: lengths ascend within an image)
-    block: torch.Tensor   # (C,) block of its image
-    width: torch.Tensor   # (C,) slots it takes: its block's chunk width (padding repeats its last pair)
-
-
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(x, 0) - x
+    order: torch.Tensor         # (P,) this rank's pairs by (image, caption length): the order they are scored in
+    lengths: torch.Tensor       # (P,) their caption lengths, in that order
 
 
 def _image_blocks(pairs_per_image: list[int], max_pairs: int) -> torch.Tensor:
@@ -216,79 +197,35 @@ def _image_blocks(pairs_per_image: list[int], max_pairs: int) -> torch.Tensor:
     return torch.tensor(block_of_image, dtype=torch.long)
 
 
-def _chunk_widths(block_of_image: torch.Tensor, pairs_per_image: torch.Tensor, pair_batch: int) -> torch.Tensor:
-    """Texts sharing one copy of an image's keys/values, per block: few enough that a chunk holds captions of about
-    one length (TEXTS_PER_KV), at most an eighth of a batch, and no more than the block's mean pairs per image."""
-    blocks = int(block_of_image.max()) + 1 if block_of_image.numel() else 0
-    block_pairs = torch.zeros(blocks, dtype=torch.long).index_add_(0, block_of_image, pairs_per_image)
-    images_per_block = torch.bincount(block_of_image, minlength=blocks)
-    cap = torch.full_like(block_pairs, min(TEXTS_PER_KV, pair_batch // 8))
-    return torch.clamp(torch.minimum(cap, -(-block_pairs // images_per_block.clamp(min=1))), min=1)
-
-
-def _length_sorted_chunks(image_start: torch.Tensor, pairs_per_image: torch.Tensor, lengths: torch.Tensor,
-                          block_of_image: torch.Tensor, width_of_block: torch.Tensor) -> _Chunks:
-    """Cut each image's length-sorted pairs into chunks of its block's width; order them by (block, length)."""
-    image_width = width_of_block[block_of_image]
-    chunks_per_image = -(-pairs_per_image // image_width)
-    image = torch.repeat_interleave(torch.arange(pairs_per_image.numel()), chunks_per_image)
-    within = torch.arange(image.numel()) - _exclusive_cumsum(chunks_per_image)[image]  # chunk number in its image
-    start = image_start[image] + within * image_width[image]
-    size = torch.minimum(image_width[image], image_start[image] + pairs_per_image[image] - start)
-    length = lengths[start + size - 1]
-    block = block_of_image[image]
-    order = torch.argsort(block * (int(lengths.max()) + 1 if lengths.numel() else 1) + length, stable=True)
-    return _Chunks(image[order], start[order], size[order], length[order], block[order],
-                   width_of_block[block[order]])
-
-
 def _plan(pair_images: torch.Tensor, pair_lengths: torch.Tensor, pair_batch: int) -> _Plan:
     """The fast path's schedule of this rank's pairs (`pair_images` sorted; `pair_lengths` their caption lengths).
 
     1. Pairs by (image, caption length); blocks of whole images, about 4 batches each, whose keys/values are
        computed once.
-    2. Each image's pairs cut into chunks that share one copy of its keys/values (`_length_sorted_chunks`).
-    3. Slots: every chunk padded to its block's chunk width (padding repeats its last pair), so the rows of a
-       batch are whole chunks, `width` per image.
-    4. Batches: consecutive chunks of one block, `pair_batch // width` of them; each keeps the columns of its
-       longest caption.
-
-    Vectorized: the host plans millions of pairs (COCO) in about a second.
+    2. Batches: `pair_batch` consecutive pairs of a block (the last one of a block fewer). A batch is packed
+       (models/packed.py): no padding whatever its lengths, and the pairs of each of its images attend to that
+       image's keys/values, a slice of the block's.
     """
     by_length = torch.argsort(pair_lengths, stable=True)
     order = by_length[torch.argsort(pair_images[by_length], stable=True)]  # pair positions by (image, length)
-    lengths = pair_lengths[order]
     images, pairs_per_image = torch.unique_consecutive(pair_images[order], return_counts=True)
-    image_start = _exclusive_cumsum(pairs_per_image)
     block_of_image = _image_blocks(pairs_per_image.tolist(), max_pairs=4 * pair_batch)
-    width_of_block = _chunk_widths(block_of_image, pairs_per_image, pair_batch)
-    chunks = _length_sorted_chunks(image_start, pairs_per_image, lengths, block_of_image, width_of_block)
-
-    slot_chunk = torch.repeat_interleave(torch.arange(chunks.image.numel()), chunks.width)
-    slot_offset = _exclusive_cumsum(chunks.width)  # first slot of each chunk
-    within = torch.arange(slot_chunk.numel()) - slot_offset[slot_chunk]
-    slot_pair = order[chunks.start[slot_chunk] + torch.minimum(within, chunks.size[slot_chunk] - 1)]
-    real = (within < chunks.size[slot_chunk]).nonzero().flatten()
-    real_slots = torch.empty(pair_images.numel(), dtype=torch.long)
-    real_slots[slot_pair[real]] = real
-
-    images_per_block = torch.bincount(block_of_image, minlength=len(width_of_block))
-    first_image_of_block = _exclusive_cumsum(images_per_block)
-    chunk_image = chunks.image - first_image_of_block[chunks.block]  # index into its block's images
-    chunks_per_block = torch.bincount(chunks.block, minlength=len(width_of_block))
-    rank_in_block = torch.arange(chunks.image.numel()) - _exclusive_cumsum(chunks_per_block)[chunks.block]
-    chunks_per_batch_of_block = (pair_batch // chunks.width).clamp(min=1)
-    batch_of_chunk = chunks.block * (chunks.image.numel() + 1) + rank_in_block // chunks_per_batch_of_block
-    _, chunks_per_batch = torch.unique_consecutive(batch_of_chunk, return_counts=True)
-    blocks = [_Block(slice(first, first + n), []) for first, n in
-              zip(first_image_of_block.tolist(), images_per_block.tolist())]
-    slot_ends = (slot_offset + chunks.width).tolist()
-    for first, n in zip(_exclusive_cumsum(chunks_per_batch).tolist(), chunks_per_batch.tolist()):
-        last = first + n - 1
-        blocks[int(chunks.block[first])].batches.append(_Batch(
-            slots=slice(int(slot_offset[first]), slot_ends[last]), chunks=slice(first, last + 1),
-            length=int(chunks.length[last])))
-    return _Plan(blocks, images, slot_pair, chunk_image, real_slots)
+    image_of_position = torch.repeat_interleave(torch.arange(images.numel()), pairs_per_image)
+    images_per_block = torch.bincount(block_of_image, minlength=int(block_of_image.max()) + 1 if images.numel() else 0)
+    first_image_of_block = (torch.cumsum(images_per_block, 0) - images_per_block).tolist()
+    first_pair_of_image = (torch.cumsum(pairs_per_image, 0) - pairs_per_image).tolist() + [order.numel()]
+    blocks = []
+    for first_image, n_images in zip(first_image_of_block, images_per_block.tolist()):
+        block = _Block(slice(first_image, first_image + n_images), [])
+        block_end = first_pair_of_image[first_image + n_images]
+        for start in range(first_pair_of_image[first_image], block_end, pair_batch):
+            end = min(start + pair_batch, block_end)
+            batch_images, counts = torch.unique_consecutive(image_of_position[start:end], return_counts=True)
+            first = int(batch_images[0]) - first_image
+            block.batches.append(_Batch(slice(start, end), slice(first, first + batch_images.numel()),
+                                        counts.tolist()))
+        blocks.append(block)
+    return _Plan(blocks, images, order, pair_lengths[order])
 
 
 @torch.no_grad()
@@ -298,9 +235,8 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
     """Every distinct top-k pair of both directions scored once.
 
     Pairs are sorted by image and cut into blocks of whole images; each block's cross-attention keys/values
-    are computed once, then its pairs run in batches of `pair_batch`, the texts of one image attending to
-    one copy of its keys/values, sorted by caption length so that each batch drops the padding columns all
-    its captions share (exact: padding is masked out).
+    are computed once, then its pairs run in packed batches of `pair_batch` (models/packed.py): every token of
+    every pair once, no padding, the texts of one image attending to its keys/values without a copy.
     """
     device = image_feat.device
     pair_batch = pair_batch_for(device, pair_batch)
@@ -318,24 +254,25 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
     my_keys = pair_keys[start:end].cpu()
     pair_images, pair_texts = my_keys // n_texts, my_keys % n_texts
     plan = _plan(pair_images, text_mask.sum(dim=1).cpu()[pair_texts], pair_batch)
-    slot_texts = pair_texts[plan.slot_pair].to(device)
-    slot_images = pair_images[plan.slot_pair].to(device)
-    chunk_image, block_images = plan.chunk_image.to(device), plan.block_images.to(device)
+    texts_in_order = pair_texts[plan.order].to(device)
+    lengths_in_order = plan.lengths.to(device)
+    block_images = plan.block_images.to(device)
 
-    slot_logits = torch.empty(plan.slot_pair.numel(), device=device)
+    logits_in_order = torch.empty(plan.order.numel(), device=device)
     progress = ProgressLogger(len(plan.blocks), 'Evaluation pairs (fast)', log_every)
     began = time.time()
     for block in progress.iter(plan.blocks):
         with utils.autocast_context(autocast):
             kv = model.image_kv(image_embeds[block_images[block.images]])
         for batch in block.batches:
-            texts, kv_index = slot_texts[batch.slots], chunk_image[batch.chunks]
+            pairs = packed.pack_pairs(text_ids, texts_in_order[batch.pairs], lengths_in_order[batch.pairs],
+                                      plan.lengths[batch.pairs], batch.pairs_per_image)
             with utils.autocast_context(autocast):
-                logits = model.match_logits(text_ids[texts, :batch.length], text_mask[texts, :batch.length],
-                                            image_kv=[(k[kv_index], v[kv_index]) for k, v in kv])
-            slot_logits[batch.slots] = logits[:, 1].float()
-    slot_scores = slot_logits + sims[slot_images, slot_texts]
-    my_scores = slot_scores[plan.real_slots.to(device)]
+                logits = packed.match_logits(model, pairs, [(k[batch.images], v[batch.images]) for k, v in kv])
+            logits_in_order[batch.pairs] = logits[:, 1].float()
+    order = plan.order.to(device)
+    my_scores = torch.empty_like(logits_in_order)
+    my_scores[order] = logits_in_order + sims[pair_images.to(device)[order], pair_texts.to(device)[order]]
     _logger.info('Scored %d distinct pairs (of %d top-k entries) in %.1f s on this rank', my_keys.numel(),
                  keys_i2t.numel() + keys_t2i.numel(), time.time() - began)
 

@@ -109,7 +109,12 @@ class ResidualOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        x = self.dropout(self.dense(x))
+        # Without gradients, added in place when that keeps the sum's dtype (under bf16 autocast x is bf16 and the
+        # residual fp32): the same sum, without allocating (and first touching) another tensor.
+        if torch.is_grad_enabled() or x.dtype != residual.dtype:
+            return self.LayerNorm(x + residual)
+        return self.LayerNorm(x.add_(residual))
 
 
 class AttentionBlock(nn.Module):
@@ -129,7 +134,9 @@ class Intermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))
+        # Without gradients in place: the same erf GELU kernel, without another (tokens x 3072) tensor, which cost
+        # about a fifth of the projection's time on the 2-core Xeon (first touch of freshly mapped memory).
+        return F.gelu(self.dense(x)) if torch.is_grad_enabled() else torch.ops.aten.gelu_(self.dense(x))
 
 
 class BertLayer(nn.Module):

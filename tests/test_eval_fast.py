@@ -84,27 +84,25 @@ def test_bf16_keeps_image_tokens_in_bf16_without_changing_a_score(tiny_model, go
 
 @pytest.mark.parametrize('pair_batch', [1, 3, 8, 64])
 def test_plan_scores_every_pair_once_in_bounded_batches(pair_batch):
-    """The fast path's schedule: each pair in exactly one real slot; batches and chunks consistent."""
+    """The fast path's schedule: each pair in exactly one batch, its images' keys/values a slice of its block's."""
     g = torch.Generator().manual_seed(pair_batch)
     pair_images = torch.sort(torch.randint(0, 9, (70,), generator=g)).values  # some images have no pair
     pair_lengths = torch.randint(2, 36, (70,), generator=g)
     plan = evaluation._plan(pair_images, pair_lengths, pair_batch)
-    assert torch.equal(plan.slot_pair[plan.real_slots], torch.arange(70))
-    assert plan.real_slots.unique().numel() == 70
-    covered = []
+    assert sorted(plan.order.tolist()) == list(range(70))
+    assert torch.equal(plan.lengths, pair_lengths[plan.order])
+    assert torch.equal(plan.block_images, pair_images.unique())
+    positions = []
     for block in plan.blocks:
-        images = plan.block_images[block.images]
+        block_images = plan.block_images[block.images]
         for batch in block.batches:
-            rows = plan.slot_pair[batch.slots]
-            covered.append(batch.slots)
-            assert len(rows) <= pair_batch
-            chunk_images = images[plan.chunk_image[batch.chunks]]
-            per_chunk = len(rows) // len(chunk_images)
-            # Row r of the batch attends to the keys/values of chunk r // per_chunk: it must be its own image.
-            assert torch.equal(pair_images[rows], chunk_images.repeat_interleave(per_chunk))
-            assert batch.length == int(pair_lengths[rows].max())
-    starts = [s.start for s in covered]
-    assert starts == sorted(starts) and covered[-1].stop == plan.slot_pair.numel()
+            pairs = plan.order[batch.pairs]
+            positions += list(range(70)[batch.pairs])
+            assert 0 < len(pairs) <= pair_batch
+            # The pairs of image i of the batch are the next pairs_per_image[i] ones: packing relies on it.
+            images = block_images[batch.images]
+            assert torch.equal(pair_images[pairs], images.repeat_interleave(torch.tensor(batch.pairs_per_image)))
+    assert positions == list(range(70))
 
 
 @pytest.mark.parametrize('pair_batch', [1, 5, 48, 4096])
