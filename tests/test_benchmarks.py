@@ -48,3 +48,11 @@ def test_bench_report_writes_a_report_of_the_asked_size():
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert re.match(r'^report \d+\.\d+ s for one split of 20 images / 100 captions, \d+\.\d+ MB$', last), last
+
+
+def test_bench_protocol_itc_scores_are_the_similarity_of_the_itm_run():
+    lines = run_benchmark('bench_protocol.py', '--images', '5', '--texts', '12', '--k_test', '4')
+    assert [line.split()[0] for line in lines[1:3]] == ['itc', 'itm']
+    match = LAST_LINE.match(lines[-1])
+    assert match, lines[-1]
+    assert float(match.group(2)) < 1e-6  # the same features, the same product: itc stops where itm starts
