@@ -11,7 +11,7 @@ file's size and mtime: a later run encodes only new or changed files and drops d
 A query is cleaned like a caption, ranked against every image by ITC similarity (a dense matmul: right at
 tens of thousands of images), and its first min(top, k_test) results are re-ranked as in evaluation:
 score = matching logit (itm) + similarity, on evaluation's fast path (`evaluation.fast_scores`). Results beyond
-k_test keep their ITC order, with score and itm null.
+k_test keep their ITC order, with score and itm null (all of them with `k_test: 0`).
 """
 from __future__ import annotations
 
@@ -246,7 +246,12 @@ def search_images(model, encoder: ImageEncoder, folder: str, index: ImageIndex, 
     k = min(top, config['k_test'])
     cache: OrderedDict[int, torch.Tensor] = OrderedDict()
     answers = []
-    for q in tqdm(range(len(queries)), desc='Re-ranking', unit='query', disable=len(queries) < 2, file=sys.stderr):
+    for q in tqdm(range(len(queries)), desc='Re-ranking', unit='query', disable=len(queries) < 2 or not k,
+                  file=sys.stderr):
+        if not k:  # k_test 0 (protocol itc): the similarity order, nothing re-ranked
+            answers.append([Result(c, s, None, index.paths[c]) for c, s in zip(top_ids[q].tolist(),
+                                                                                top_sims[q].tolist())])
+            continue
         candidates = top_ids[q, :k].tolist()
         missing, unreadable = [c for c in candidates if c not in cache], {}
         for positions, embeds, _ in encoder.batches(folder, [index.paths[c] for c in missing], unreadable):
@@ -285,6 +290,8 @@ def search_captions(model, encoder: ImageEncoder, image_path: str, captions: lis
     top_sims, top_ids = (image_feat @ text_feat.t())[0].topk(top)
     k = min(top, config['k_test'])
     candidates = top_ids[:k].tolist()
+    if not k:  # k_test 0 (protocol itc): the similarity order, nothing re-ranked
+        return [Result(c, float(s), None, captions[c]) for c, s in zip(top_ids.tolist(), top_sims.tolist())]
     i2t, _, sims = rerank(model, image_embeds, image_feat, text_feat[candidates], text_ids[candidates],
                           text_mask[candidates], config, autocast)
     results = [Result(candidates[o], float(sims[0, o]), float(i2t[0, o]), captions[candidates[o]])

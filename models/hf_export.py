@@ -286,6 +286,7 @@ def model_card(model: BLIP_Retrieval, source: str, settings: dict, origin: str, 
     config = hf_config_for(model)
     vision, text = config.vision_config, config.text_config
     k_test = (run_config or {}).get('k_test', 128)
+    protocol = ('the ITC similarity alone: k_test 0' if k_test == 0 else f'ITM re-ranking of the ITC top {k_test}')
     dataset = (run_config or {}).get('dataset')
     lines = ['---', 'library_name: transformers', 'tags:', '- blip', '- image-text-retrieval',
              '- image-text-matching', '---', '',
@@ -295,7 +296,7 @@ def model_card(model: BLIP_Retrieval, source: str, settings: dict, origin: str, 
              f'`transformers.BlipForImageTextRetrieval.from_pretrained`.', '', '## Recall', '']
     if results:
         lines += [f'From {results[1]} (TR: text retrieval, image to its captions; IR: image retrieval; in '
-                  f'percent; ITM re-ranking of the ITC top {k_test}):', '', recall_table(results[0]), '']
+                  f'percent; {protocol}):', '', recall_table(results[0]), '']
     else:
         lines += ['No evaluation was found next to the checkpoint (log.txt or evaluate.txt).', '']
     lines += ['## Architecture', '',
@@ -338,7 +339,7 @@ def model_card(model: BLIP_Retrieval, source: str, settings: dict, origin: str, 
               '    itm = model(itm_ids, pixels, attention_mask=text.attention_mask).itm_score  # (1, 2)',
               'match_logit = itm[:, 1]  # class 1 = match', '```', '',
               f'**The paper\'s numbers** come from re-ranking, not from either head alone: compute the ITC cosine of '
-              f'every image-text pair; for each image keep its top {k_test} texts (`k_test`) and score each as '
+              f'every image-text pair; for each image keep its top {k_test or 128} texts (`k_test`) and score each as '
               'match logit (`itm_score[:, 1]`, before any softmax) + cosine; do the same for each text over the '
               'images; every other pair scores -100. Recall@K: an image counts as found at K when any of its '
               'captions ranks in the top K.', '']

@@ -89,6 +89,19 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str =
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def recall_fields(record: dict) -> dict:
+    """A log.txt or evaluate.txt record without the fields that describe the run (run.results.RUN_FIELDS: times,
+    processes, device, checkpoint): what two launches of the same evaluation must agree on."""
+    from run.results import RUN_FIELDS
+    return {key: value for key, value in record.items() if key not in RUN_FIELDS}
+
+
+def without_times(path) -> list[dict]:
+    """The records of a log.txt or evaluate.txt without `eval_seconds`, which differ between any two runs."""
+    with open(path) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != 'eval_seconds'} for line in f]
+
+
 SCORE_FILL = -100.0  # evaluation's value for pairs it never scored
 
 

@@ -86,3 +86,14 @@ def test_bench_report_measures_the_report_it_writes(tmp_path):
     assert thumbs == len(list((kept / 'thumbs').glob('*.jpg')))  # the report shows the images timed
     assert each_ms == pytest.approx(1000 * thumbs_s / thumbs, abs=0.05 + 5 / thumbs)  # thumbs_s is rounded
     assert report_s > 0 and summary_s >= 0 and plots_s >= 0
+
+
+def test_bench_protocol_itc_scores_are_the_similarity_of_the_itm_run():
+    lines = run_benchmark('bench_protocol.py', '--images', '5', '--texts', '12', '--k_test', '4')
+    assert [line.split()[0] for line in lines[1:3]] == ['itc', 'itm']
+    match = LAST_LINE.match(lines[-1])
+    assert match, lines[-1]
+    assert float(match.group(2)) < 1e-6  # the same features, the same product: itc stops where itm starts
+    (itc_s,) = measured(lines, rf'^itc \(k_test 0\): wall\s+{NUMBER} s')
+    (itm_s,) = measured(lines, rf'^itm \(k_test 4\): wall\s+{NUMBER} s')
+    assert_printed_ratio(float(match.group(1)), itm_s, itc_s)

@@ -275,10 +275,11 @@ def scalar_steps(log_dir) -> dict[str, list[int]]:
 
 def test_tensorboard_after_a_crash_and_resume_has_each_step_once(tmp_path, data, monkeypatch):
     """Killed at step 13 with the last checkpoint at step 10: the resumed run replays 10-12 and the curves show
-    them once. val/ and test/ share the train curves' x axis (global steps); test/ is the epoch's own."""
+    them once. val/ and test/ share the train curves' x axis (global steps); test/ is the epoch's own (evaluated
+    every epoch with eval_test_every_epoch: true, else only when val improves)."""
     out = tmp_path / 'out'
     options = tiny_options(data, '', init_lr=3e-3, momentum=0.9, batch_size_train=8, queue_size=16, max_epoch=2,
-                           save_every_steps=5, log_every=1, tensorboard=True)
+                           save_every_steps=5, log_every=1, tensorboard=True, eval_test_every_epoch=True)
     monkeypatch.setenv('BLIP_FAIL_AT', '0:14')  # a crash during global step 14 (0-based 13)
     assert train_retrieval.main(base_args() + ['--output_dir', str(out)] + options) == utils.EXIT_FAILED
     monkeypatch.delenv('BLIP_FAIL_AT')

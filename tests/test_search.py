@@ -244,6 +244,24 @@ def test_image_to_captions_ranks_its_own_captions_first(demo_run, tmp_path):
     assert (tmp_path / 'captions_thumbs' / 'query.jpg').is_file()
 
 
+def test_k_test_0_ranks_by_similarity_alone(demo_run, photos, tmp_path):
+    """The contrastive-only protocol: the ITC order of brute force, no score, in both directions."""
+    (image, own), (_, other) = demo_test_images(demo_run, 2)
+    captions = own + other
+    (tmp_path / 'captions.txt').write_text('\n'.join(captions) + '\n')
+    code, hits = run_search(demo_run, tmp_path, '--image', image, '--captions', str(tmp_path / 'captions.txt'),
+                            '--top', '8', extra_options=['k_test=0'])
+    assert code == 0 and all(r['score'] is None and r['itm'] is None for r in hits[0]['results'])
+    model, config = demo_model(demo_run)
+    (want,) = brute_force(model, config, [image], captions, top=8, k_test=0, image_queries=True)
+    assert_same_results(hits[0]['results'], want, lambda r: captions.index(r['caption']))
+    code, hits = run_search(demo_run, tmp_path, '--images', str(photos[0]), '--query', captions[0], '--top', '3',
+                            extra_options=['k_test=0'])
+    assert code == 0 and len(hits[0]['results']) == 3 and all(r['score'] is None for r in hits[0]['results'])
+    sims = [r['sim'] for r in hits[0]['results']]
+    assert sims == sorted(sims, reverse=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_search_on_a_gpu_equals_the_cpu(demo_run, photos, tmp_path):
     folder, truth = photos
