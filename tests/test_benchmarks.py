@@ -96,4 +96,5 @@ def test_bench_protocol_itc_scores_are_the_similarity_of_the_itm_run():
     assert float(match.group(2)) < 1e-6  # the same features, the same product: itc stops where itm starts
     (itc_s,) = measured(lines, rf'^itc \(k_test 0\): wall\s+{NUMBER} s')
     (itm_s,) = measured(lines, rf'^itm \(k_test 4\): wall\s+{NUMBER} s')
+    assert itc_s > 0 and itm_s > 0  # both encode the images and texts (at least some hundredths of a second)
     assert_printed_ratio(float(match.group(1)), itm_s, itc_s)
