@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -409,16 +410,9 @@ class HFLoadReport(LoadReport):
 
     def summary(self) -> str:
         """'N from model.safetensors, M copied from the online weights, ...' over every key of the model."""
-        counts: dict[str, int] = {}
-        for where in self.origin.values():
-            if where.startswith('copy of '):
-                kind = 'copied from the online weights'
-            elif ':' in where:
-                kind = 'from ' + where.split(':', 1)[0]
-            else:
-                kind = where
-            counts[kind] = counts.get(kind, 0) + 1
-        return ', '.join(f'{n} {kind}' for kind, n in counts.items())
+        kinds = ['copied from the online weights' if where.startswith('copy of ') else
+                 'from ' + where.split(':', 1)[0] if ':' in where else where for where in self.origin.values()]
+        return ', '.join(f'{n} {kind}' for kind, n in Counter(kinds).items())  # in order of first appearance
 
 
 def hf_state_dict_to_blip(weights: Mapping[str, torch.Tensor], label: str
