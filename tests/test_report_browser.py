@@ -131,3 +131,41 @@ def test_demo_report_opens_offline_in_chromium(browser, demo_run, tmp_path):
     assert (tmp_path / 'report_small.png').stat().st_size < 300_000
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(tmp_path / 'report_small.png', os.environ[SCREENSHOT_ENV])
+
+
+def test_results_table_sorts_and_links_to_each_report_in_chromium(browser, result_runs, tmp_path):
+    """`python -m report.table` over the shared runs and a broken folder: rows, links and sorting, offline."""
+    from report.table import main as table_main
+    out = tmp_path / 'table'
+    runs = [str(path) for path in result_runs['runs'].values()] + [str(result_runs['broken'])]
+    assert table_main(runs + ['--out', str(out)]) == 0
+    requests_sent(browser)
+    browser.get((out / 'index.html').as_uri())
+    script = lambda js: browser.execute_script(js)
+    rows = script('return Array.from(document.querySelectorAll("table.results tbody tr")).map(r => '
+                  '[r.getAttribute("data-run"), r.getAttribute("data-split")])')
+    assert sorted(map(tuple, rows)) == sorted((str(path), split) for path in result_runs['runs'].values()
+                                              for split in ('val', 'test'))
+    links = script('return Array.from(document.querySelectorAll("table.results a")).map(a => a.href)')
+    assert len(links) == 6 and all(link.startswith('file:') and link.endswith('/report/index.html') for link in links)
+    assert script('return document.querySelector("ul.skipped li").getAttribute("data-run")') == \
+        str(result_runs['broken'])
+    assert all(script(f'return document.querySelectorAll("table.results th")[{i}].offsetHeight') > 0 for i in (0, 11))
+
+    # A click on TR@1 sorts the rows by it, a second click the other way; empty cells stay last.
+    column = script('return Array.from(document.querySelectorAll("table.results th")).findIndex('
+                    'th => th.getAttribute("data-key") === "txt_r1")')
+    values = lambda: script(f'return Array.from(document.querySelectorAll("table.results tbody tr")).map('
+                            f'r => Number(r.cells[{column}].getAttribute("data-value")))')
+    header = browser.find_elements('css selector', 'table.results th')[column]
+    header.click()
+    assert values() == sorted(values())
+    header.click()
+    assert values() == sorted(values(), reverse=True)
+
+    # Each link opens its run's report.
+    browser.get(links[0])
+    assert browser.title == 'Retrieval report'
+    sent = requests_sent(browser)
+    assert [r['request']['url'] for r in sent if r['request']['url'].split(':')[0] in ('http', 'https', 'ws', 'wss',
+                                                                                          'ftp')] == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -205,3 +204,65 @@ def test_eval_every_evaluates_val_every_n_epochs_and_after_the_last(tmp_path, fi
     assert log[0]['eval_seconds'] == {} and set(log[1]['eval_seconds']) == {'val', 'test'}
     assert log[1]['best_epoch'] == 1 and log[2]['best_epoch'] in (1, 2)
     assert log[2]['eval_seconds']['test'] == log[log[2]['best_epoch']]['eval_seconds']['test']
+
+
+def test_eval_scheduling_keys_change_on_resume_without_a_warning(caplog):
+    from config import load_config
+    from run.checkpoints import adopt_resumed_config
+    saved = load_config(os.path.join(REPO, 'configs', 'retrieval_flickr.yaml'), ['seed=1'])
+    caplog.set_level('INFO')
+    adopt_resumed_config({**saved, 'eval_every': 3, 'eval_test_every_epoch': True}, {'config': saved}, 'last.pth')
+    assert [r.levelname for r in caplog.records] == ['INFO'] and 'eval_every: 1 -> 3' in caplog.text
+    caplog.clear()
+    adopt_resumed_config({**saved, 'k_test': 0}, {'config': saved}, 'last.pth')  # the protocol changes results
+    assert [r.levelname for r in caplog.records] == ['WARNING'] and 'k_test: 128 -> 0' in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- must show 3
+def test_results_table_equals_each_evaluate_txt_and_names_the_broken_run(result_runs, tmp_path):
+    runs = result_runs['runs']
+    out = tmp_path / 'table'
+    # The command as users run it: two folders, a glob (quoted: expanded by report.table) and the broken folder.
+    result = subprocess.run([sys.executable, '-m', 'report.table', str(runs['itm']), str(runs['official_name']),
+                             str(runs['itc'].parent / 'it[c]'), str(result_runs['broken']), '--out', str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'skipped {result_runs["broken"]}: the last line of evaluate.txt is not JSON' in result.stderr
+    assert sorted(os.listdir(out)) == ['index.html', 'results.csv', 'results.md']
+    with open(out / 'results.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [(row['run'], row['split']) for row in rows] == [(str(runs[name]), split) for name in
+                                                            ('itm', 'official_name', 'itc') for split in ('val', 'test')]
+    for row in rows:
+        (record,) = read_jsonl(os.path.join(row['run'], 'evaluate.txt'))
+        split = row['split']
+        for key in ('txt_r1', 'txt_r5', 'txt_r10', 'img_r1', 'img_r5', 'img_r10', 'r_mean'):
+            assert float(row[key]) == record[f'{split}_{key}'], key  # the same float, not a rounded one
+        assert float(row['eval_seconds']) == record['eval_seconds'][split]
+        assert int(row['images']) == record['images'][split] and int(row['texts']) == record['texts'][split]
+        for key in ('checkpoint_sha256', 'dataset', 'protocol', 'device', 'precision'):
+            assert row[key] == record[key], key
+        assert (row['checkpoint'], int(row['k_test']), int(row['world_size'])) == \
+            (record['pretrained'], record['k_test'], record['world_size'])
+        assert os.path.isfile(out / row['report']) and row['report'].endswith(os.path.join('report', 'index.html'))
+        official = row['run'] == str(runs['official_name']) and split == 'test'
+        if official:  # named as the official Flickr checkpoint: the paper's numbers and our difference from them
+            assert (float(row['paper_txt_r1']), float(row['paper_img_r1'])) == (97.3, 87.3)
+            assert float(row['txt_r1_minus_paper']) == record['test_txt_r1'] - 97.3
+            assert float(row['img_r1_minus_paper']) == record['test_img_r1'] - 87.3
+        else:
+            assert row['paper_txt_r1'] == row['txt_r1_minus_paper'] == ''
+    assert {row['protocol'] for row in rows if row['run'] == str(runs['itc'])} == {'itc'}
+
+    markdown = (out / 'results.md').read_text()
+    assert len([line for line in markdown.splitlines() if line.startswith('| ') and '| val |' in line]) == 3
+    assert f'- skipped `{result_runs["broken"]}`' in markdown
+    page = (out / 'index.html').read_text()
+    assert page.count('<tr data-run=') == 6 and page.count('>report</a>') == 6
+    assert f'<li data-run="{result_runs["broken"]}">' in page and 'http' not in page
+
+    # Nothing readable: the pages are still written, the exit code says so.
+    result = subprocess.run([sys.executable, '-m', 'report.table', str(result_runs['broken']), str(tmp_path / 'none*'),
+                             '--out', str(tmp_path / 'empty')], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and 'no run could be read' in result.stderr
+    assert f'skipped {tmp_path / "none*"}: the pattern matches nothing' in result.stderr
