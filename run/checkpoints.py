@@ -126,10 +126,10 @@ def save_last(path: str, model, optimizer, config: dict, state: RunState,
                            'batch_size_train': config['batch_size_train'], 'world_size': utils.get_world_size(),
                            'accum_steps': accum_steps},
         }, path)
-        _logger.info('Saved %s %s', path, saved_position(state, config['max_epoch']))
+        _logger.info('Saved %s %s', path, saved_position(state, config.get('max_epoch')))
 
 
-def saved_position(state: RunState, max_epoch: int) -> str:
+def saved_position(state: RunState, max_epoch: Optional[int]) -> str:
     """Where a checkpoint_last.pth stands, in words: epochs count from 0, and (epoch 8, step 0) is after epoch 7."""
     if state.step == 0:
         if state.epoch == 0:
