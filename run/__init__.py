@@ -6,6 +6,7 @@
 - failures:    bad input (SetupError), the failure watch across ranks, one report per failure
 - hooks:       test hooks (environment variables) that drive a real run into a stop or a failure
 - training:    the training epoch, one optimizer step per batch
+- results:     the fields of a result record besides recall (times, device, protocol, checkpoint identity)
 - progress:    progress lines with ETA; tensorboard: TensorBoard scalars
 
 Exit codes are in utils.py and atomic writes in atomic.py: models/ and search.py use them too.

@@ -21,6 +21,7 @@ from data import create_datasets, create_eval_loader
 from evaluation import evaluate_scores
 from models import blip_retrieval
 from models import checkpoint as checkpoint_module
+from report.table import build_table
 from run.results import RUN_FIELDS, checkpoint_identity, cpu_model
 
 RECALL = ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'img_r1', 'img_r5', 'img_r10', 'img_r_mean', 'r_mean')
@@ -197,6 +198,13 @@ def test_test_is_evaluated_only_when_val_improves_and_log_txt_is_the_same(tmp_pa
         train_keys = ('loss_ita', 'loss_itm', 'lr', 'itm_negatives_left_out')  # the last: accum_steps' issue
         assert set(original(record)) == {f'train_{k}' for k in train_keys} | {'epoch', 'best_epoch'} \
             | ORIGINAL_EVALUATE_KEYS
+
+    # report.table takes a fine-tune's folder too: its best epoch.
+    rows, skipped = build_table([str(tmp_path / 'default')], str(tmp_path / 'table'))
+    best = next(r for r in log if r['epoch'] == log[-1]['best_epoch'])
+    assert skipped == [] and [(row['split'], row['r_mean'], row['eval_seconds']) for row in rows] == \
+        [(split, best[f'{split}_r_mean'], best['eval_seconds'][split]) for split in ('val', 'test')]
+    assert rows[0]['source'] == f'log.txt: fine-tune, best epoch {best["epoch"]}'
 
 
 def test_eval_every_evaluates_val_every_n_epochs_and_after_the_last(tmp_path, finetune_data, monkeypatch,
