@@ -8,6 +8,8 @@ Fine-tune (set `pretrained` to a pre-trained checkpoint, e.g. model_base.pth):
     torchrun --nproc_per_node=8 train_retrieval.py --config configs/retrieval_flickr.yaml \\
         --output_dir output/retrieval_flickr_finetuned
 Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 ...
+The 8-GPU recipe on 2 GPUs: --nproc_per_node=2 ... --options accum_steps=4 (each process plays 4 ranks in turn; the
+same steps as 8 processes, see models/virtual_ranks.py).
 SLURM: srun python train_retrieval.py ... (one task per GPU; MASTER_PORT exported).
 CPU demo: python train_retrieval.py --config configs/retrieval_demo.yaml --device cpu
 Without --output_dir a run writes to output/<config file name>, e.g. output/retrieval_demo.
@@ -22,7 +24,8 @@ Never losing a run:
     same data order, learning rate, alpha, queues and random draws, hence the same weights bit for bit.
     With another number of processes, keep the global batch (batch_size_train x processes) and every
     global step still sees the same samples; weights, optimizer, queues, lr and alpha carry over, but the
-    per-rank split of the loss and the random draws (dropout, hard negatives) differ.
+    per-rank split of the loss and the random draws (dropout, hard negatives) differ. With accum_steps, resume
+    with the same number of ranks (processes x accum_steps), in any split: the same run; other numbers are refused.
   * Signals. SIGTERM or SIGUSR1 (SLURM preemption, `scancel`, torchrun forwarding them) and a first Ctrl-C
     (SIGINT) finish the current step on every rank, save checkpoint_last.pth, print the command that continues
     and exit: code 0 after SIGTERM/SIGUSR1 (a scheduler requeues), 130 after Ctrl-C. A second Ctrl-C stops at
@@ -42,9 +45,11 @@ Never losing a run:
 
 Test hooks (environment variables, used by tests/test_resume.py and tests/test_failures.py):
   BLIP_STOP_AFTER_STEPS=N   behave as if SIGTERM arrived during the N-th training step of the run
-                            (counted from epoch 0, step 0): the same code path as a real preemption.
-  BLIP_STEP_TRACE=PREFIX    every rank appends one JSON line per step (epoch, step, lr, alpha, the batch's
-                            image indices and captions, the losses, its pid) to PREFIX.rank<R>.jsonl.
+                            (counted from epoch 0, step 0; with accum_steps, after its first micro-batch): the same
+                            code path as a real preemption.
+  BLIP_STEP_TRACE=PREFIX    every rank (each virtual rank of accum_steps too) appends one JSON line per step (epoch,
+                            step, lr, alpha, the batch's image indices and captions, the losses, the pid) to
+                            PREFIX.rank<R>.jsonl.
   BLIP_FAIL_AT=RANK:N       that rank raises an error during the N-th training step (a bug on one rank).
 """
 from __future__ import annotations

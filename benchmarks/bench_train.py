@@ -8,6 +8,10 @@ fast:            padding trimmed, image keys/values shared by the three matching
     python benchmarks/bench_train.py --vit base --batch 4 --steps 3 --device cpu
     python benchmarks/bench_train.py --vit base --batch 32 --precision bf16
     python benchmarks/bench_train.py --variants straightforward:fp32,straightforward:bf16,fast:fp32,fast:bf16 --profile
+    python benchmarks/bench_train.py --batch 32 --accum_steps 4 [--negative_all_rank]
+
+--accum_steps N adds an optimizer step of N micro-batches of --batch (train_retrieval's accum_steps: one process
+playing N ranks) beside a step of one, on the fast path: seconds per optimizer step and peak memory of each.
 
 The last line is `speedup <ratio>x max_abs_diff <value>`: the ratio of samples/s, and the largest difference
 of (loss_ita, loss_itm) of one step in eval mode (dropout off) from the same weights, with --precision.
@@ -28,7 +32,7 @@ from typing import Optional
 import torch
 
 from common import (Timer, add_common_args, build_model, count_host_syncs, peak_memory, profile_table,
-                    random_images, random_texts, reset_peak)
+                    random_captions, random_images, random_texts, reset_peak)
 from flops import ExecutedFlops, lines, measure, training_step_flops
 
 import utils
@@ -87,6 +91,10 @@ def main() -> None:
                         help='comma-separated path:precision runs, e.g. straightforward:fp32,fast:fp32,fast:bf16 '
                              '(which change makes the difference); the speedup compares the first and the last')
     parser.add_argument('--profile', action='store_true', help='print the top operators of 2 steps of each run')
+    parser.add_argument('--accum_steps', type=int, default=1,
+                        help='also time an optimizer step of this many micro-batches of --batch beside one of 1')
+    parser.add_argument('--negative_all_rank', action='store_true',
+                        help='with --accum_steps: hard negatives from every micro-batch of the step (two passes)')
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
@@ -140,7 +148,39 @@ def main() -> None:
     if flop_paths:
         print(lines(flop_paths), flush=True)
     diff = (results[-1][1] - results[0][1]).abs().max().item()
+    if args.accum_steps > 1:
+        time_accumulation(model, initial, args, device)
     print(f'speedup {results[0][0] / results[-1][0]:.2f}x max_abs_diff {diff:.3g}', flush=True)
+
+
+def time_accumulation(model, initial: dict, args, device) -> None:
+    """Seconds per optimizer step and peak memory: accum_steps 1 and N, micro-batches of --batch (fast path)."""
+    from run.checkpoints import RankStreams
+    from run.training import accumulated_step, one_step
+    model.load_state_dict(initial)
+    model.fast_path, model.negative_all_rank = True, args.negative_all_rank
+    model.train()
+    autocast = utils.configure_precision(args.precision, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=device.type == 'cuda')
+    micro = [(random_images(args.batch, args.image_size, device, args.seed + i),
+              random_captions(model, args.batch, args.seed + 20 + i), torch.arange(args.batch) + i * args.batch)
+             for i in range(args.accum_steps)]
+    for n in (1, args.accum_steps):
+        step = (lambda: one_step(model, model, micro[0], 0.4, autocast, device)) if n == 1 else \
+            (lambda: accumulated_step(model, model, micro, 0.4, autocast, device,
+                                      RankStreams.seeded(args.seed, range(n)), lambda: None))
+        reset_peak(device)
+        seconds = 0.0
+        for i in range(args.warmup + args.steps):
+            with Timer(device) as timer:
+                optimizer.zero_grad(set_to_none=True)
+                step()
+                optimizer.step()
+            seconds += timer.seconds if i >= args.warmup else 0.0
+        per_step = seconds / args.steps
+        print(f'accum_steps {n} (negative_all_rank {args.negative_all_rank}): {per_step:8.3f} s/optimizer step  '
+              f'{per_step / n:8.3f} s/micro-batch  {peak_memory(device)}', flush=True)
 
 
 if __name__ == '__main__':

@@ -83,6 +83,12 @@ def random_texts(n: int, device, seed: int, vocab_size: int = 30522, lengths: st
     return ids.to(device), mask.to(device)
 
 
+def random_captions(model, n: int, seed: int) -> list[str]:
+    """Caption strings of the real token lengths (random_texts decoded), for code that tokenizes itself."""
+    ids, mask = random_texts(n, 'cpu', seed, vocab_size=len(model.tokenizer))
+    return [model.tokenizer.decode(row[1:int(length) - 1]) for row, length in zip(ids, mask.sum(dim=1))]
+
+
 def synchronize(device) -> None:
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize()

@@ -146,29 +146,32 @@ def accumulated_step(model, raw_model, micro_batches: list, alpha: float, autoca
     across processes once, by the last backward (DDP's no_sync for the others); DDP averages over processes,
     the division by accum_steps here makes the mean over all ranks that DDP over P x N processes would take.
     """
-    step = VirtualStep(raw_model, len(micro_batches))
-    inputs = [(image.to(device, non_blocking=True), raw_model.tokenize(caption), idx.to(device, non_blocking=True))
-              for image, caption, idx in micro_batches]
+    accum_steps = len(micro_batches)
+    step = VirtualStep(raw_model, accum_steps)
+    tokens = [raw_model.tokenize(caption) for _, caption, _ in micro_batches]
+    # One micro-batch's images on the device at a time: memory does not grow with accum_steps.
+    images = lambda j: micro_batches[j][0].to(device, non_blocking=True)
+    idx = [micro_batch[2].to(device, non_blocking=True) for micro_batch in micro_batches]
     step.begin()
     if step.all_rank:  # pass 1: the step's candidates and what each rank's loss sends to the others' images
         start = streams.current()
         with utils.autocast_context(autocast):
-            for j, (image, (ids, mask), idx) in enumerate(inputs):
+            for j in range(accum_steps):
                 with streams.playing(j):
-                    step.probe(j, image, ids, mask, idx)
+                    step.probe(j, images(j), *tokens[j], idx[j])
             step.share_probes()
-            for j in range(len(inputs)):
+            for j in range(accum_steps):
                 with streams.playing(j):
                     step.probe_negatives(j)
         step.share_received_gradients()
         streams.restore(start)
     losses, no_negative = [], []
     no_sync = getattr(model, 'no_sync', contextlib.nullcontext)
-    for j, (image, tokens, idx) in enumerate(inputs):
+    for j in range(accum_steps):
         ranks = step.rank(j)
-        with streams.playing(j), (no_sync() if j < len(inputs) - 1 else contextlib.nullcontext()):
+        with streams.playing(j), (no_sync() if j < accum_steps - 1 else contextlib.nullcontext()):
             with utils.autocast_context(autocast):
-                loss_ita, loss_itm = model(image, tokens, alpha=alpha, idx=idx, ranks=ranks)
+                loss_ita, loss_itm = model(images(j), tokens[j], alpha=alpha, idx=idx[j], ranks=ranks)
             (loss_ita + loss_itm).backward()
         losses.append(torch.stack([loss_ita.detach().float(), loss_itm.detach().float()]))
         no_negative.append(ranks.no_negative.sum())
@@ -176,7 +179,7 @@ def accumulated_step(model, raw_model, micro_batches: list, alpha: float, autoca
             after_first()
     step.finish()
     grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-    torch._foreach_mul_(grads, 1.0 / len(inputs))
+    torch._foreach_mul_(grads, 1.0 / accum_steps)
     return torch.stack(losses), torch.stack(no_negative).sum()
 
 
