@@ -479,7 +479,7 @@ def test_prepared_kaggle_download_is_evaluated_by_train_retrieval(tmp_path, fake
     import shutil as _shutil
 
     import train_retrieval
-    from conftest import REPO, TINY_MED_CONFIG, VOCAB
+    from conftest import REPO, TINY_MED_CONFIG, VOCAB, recall_fields
 
     calls, source = fake_kaggle
     fake = make_fake_kaggle_zip(tmp_path, 8)
@@ -501,4 +501,5 @@ def test_prepared_kaggle_download_is_evaluated_by_train_retrieval(tmp_path, fake
     record = json.loads((out / "evaluate.txt").read_text())
     # Every metric of both splits is there; with one image per split each is 100 by construction.
     metrics = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")
-    assert record == {**{f"{split}_{m}": 100.0 for split in ("val", "test") for m in metrics}, "recall_unit": "%"}
+    assert recall_fields(record) == {f"{split}_{m}": 100.0 for split in ("val", "test") for m in metrics}
+    assert record["recall_unit"] == "%" and record["dataset"] == "flickr" and record["images"] == {"val": 1, "test": 1}
