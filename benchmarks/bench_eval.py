@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from common import (Timer, add_common_args, build_model, count_host_syncs, peak_memory, profile_table,
-                    random_images, random_texts, reset_peak)
-from flops import ExecutedFlops, TextSizes, lines, matching_flops, measure
+                    random_images, random_texts, reset_peak, timed_and_counted)
+from flops import TextSizes, lines, matching_flops, measure
 
 import evaluation
 import utils
@@ -114,12 +114,11 @@ def main() -> None:
     matmul_dtype = torch.bfloat16 if args.precision == 'bf16' else torch.float32
 
     reset_peak(device)
-    with Timer(device) as t_fast, ExecutedFlops() as executed:
-        fast_i2t, fast_t2i = evaluation.fast_scores(*inputs, pair_batch=args.batch, autocast=autocast,
-                                                    log_every=10**9)
-    flop_paths = [measure('fast', t_fast.seconds, useful, executed, device, matmul_dtype)]
-    print(f'fast:      wall {t_fast.seconds:8.2f} s  {entries / t_fast.seconds:10.1f} entries/s  '
+    (fast_i2t, fast_t2i), fast_seconds, executed = timed_and_counted(
+        lambda: evaluation.fast_scores(*inputs, pair_batch=args.batch, autocast=autocast, log_every=10**9), device)
+    print(f'fast:      wall {fast_seconds:8.2f} s  {entries / fast_seconds:10.1f} entries/s  '
           f'{peak_memory(device)}', flush=True)
+    flop_paths = [measure('fast', fast_seconds, useful, executed, device, matmul_dtype)]
     if args.profile:
         run_fast = lambda pair_batch=args.batch: evaluation.fast_scores(*inputs, pair_batch=pair_batch,
                                                                         autocast=autocast, log_every=10**9)
@@ -138,12 +137,12 @@ def main() -> None:
 
     reset_peak(device)
     fraction = args.reference_fraction
-    with Timer(device) as t_ref, ExecutedFlops() as executed:
-        ref_i2t, ref_t2i = evaluation.reference_scores(*inputs, autocast=autocast, log_every=10**9,
-                                                       query_fraction=fraction)
+    (ref_i2t, ref_t2i), ref_part_seconds, executed = timed_and_counted(
+        lambda: evaluation.reference_scores(*inputs, autocast=autocast, log_every=10**9, query_fraction=fraction),
+        device)
     n_i, n_t = int(np.ceil(args.images * fraction)), int(np.ceil(args.texts * fraction))
     done = n_i * min(k, args.texts) + n_t * min(k, args.images)
-    ref_seconds = t_ref.seconds * entries / done
+    ref_seconds = ref_part_seconds * entries / done
     note = '' if fraction >= 1 else f' (extrapolated from {done} of {entries} entries)'
     print(f'reference: wall {ref_seconds:8.2f} s  {entries / ref_seconds:10.1f} entries/s  '
           f'{peak_memory(device)}{note}', flush=True)
@@ -151,7 +150,7 @@ def main() -> None:
                               executed_scale=entries / done))
     print(lines(flop_paths), flush=True)
     diff = max((fast_i2t[:n_i] - ref_i2t[:n_i]).abs().max().item(), (fast_t2i[:n_t] - ref_t2i[:n_t]).abs().max().item())
-    print(f'speedup {ref_seconds / t_fast.seconds:.2f}x max_abs_diff {diff:.3g}', flush=True)
+    print(f'speedup {ref_seconds / fast_seconds:.2f}x max_abs_diff {diff:.3g}', flush=True)
 
 
 if __name__ == '__main__':

@@ -129,13 +129,20 @@ def main() -> None:
             model.visual_encoder.compile()
             model.text_encoder.compile()
         reset_peak(device)
-        counter = None if fast and args.compile else ExecutedFlops()  # no dispatch hook around compiled graphs
-        per_step = run_steps(model, optimizer, batches, autocast, args.steps, args.warmup, device, counter)
+        # FLOPs counted in the timed steps on the CPU, in one more (untimed) step on a GPU where the hook's host time
+        # per operator would count; none around compiled graphs.
+        count = not (fast and args.compile)
+        counter = ExecutedFlops() if count else None
+        on_gpu = device.type == 'cuda'
+        per_step = run_steps(model, optimizer, batches, autocast, args.steps, args.warmup, device,
+                             None if on_gpu else counter)
         results.append((per_step, losses))
-        if counter is not None:
+        if count:
+            if on_gpu:
+                run_steps(model, optimizer, batches, autocast, 1, 0, device, counter)
             matmul_dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
             flop_paths.append(measure(f'{path} {precision}', per_step, useful, counter, device, matmul_dtype,
-                                      executed_scale=1 / args.steps))
+                                      executed_scale=1 if on_gpu else 1 / args.steps))
         print(f'{path:15s} {precision}: {per_step:8.3f} s/step  {args.batch / per_step:8.2f} samples/s  '
               f'{peak_memory(device)}  losses {losses.tolist()}', flush=True)
         if args.profile:

@@ -1,6 +1,7 @@
 """Shared set-up of the benchmarks: a random-weight model of a real size and random inputs of real shapes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -117,6 +118,23 @@ class Timer:
     def __exit__(self, *exc):
         synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
+
+
+def timed_and_counted(fn, device):
+    """(fn()'s result, its seconds, its matmul FLOPs as a flops.ExecutedFlops).
+
+    On the CPU the FLOPs are counted in the timed run (the hook costs microseconds per operator, the operators
+    milliseconds); on a GPU, where the host's time per operator matters, in a second run, untimed.
+    """
+    from flops import ExecutedFlops
+    counter = ExecutedFlops()
+    on_gpu = torch.device(device).type == 'cuda'
+    with Timer(device) as timer, (contextlib.nullcontext() if on_gpu else counter):
+        result = fn()
+    if on_gpu:
+        with counter:
+            fn()
+    return result, timer.seconds, counter
 
 
 def profile_table(fn, device, rows: int = 25) -> str:
