@@ -1,6 +1,7 @@
 """Evaluation speed: the straightforward per-query re-ranking vs the fast pair-batched path.
 
-Same process, same random-weight model, same inputs (random images, caption-like token ids of 35 tokens).
+Same process, same random-weight model, same inputs (random images, caption-like token ids padded to 35 tokens,
+true lengths per --lengths).
 Both paths start from the same contrastive features (computed once, timed apart).
 
     python benchmarks/bench_eval.py --vit base --images 16 --texts 80 --k_test 16 --device cpu
@@ -10,9 +11,10 @@ The last line is `speedup <ratio>x max_abs_diff <value>`. With --reference_fract
 scores only that fraction of the queries of each direction; its time is extrapolated linearly (per query
 cost is constant) and the difference is measured on those rows.
 
-Before the last line, one one `flops <path>:` line per path: useful FLOPs (distinct pairs at their true lengths, each image's
-keys/values once), executed FLOPs, achieved rate, plain addmm's rate at the path's own shapes (measured in this
-run) and the ratio to the floor (the useful FLOPs at the best of those rates; benchmarks/flops.py).
+Before the last line, one `flops <path>:` line per path: useful FLOPs (distinct pairs at their true lengths,
+each image's keys/values once), executed FLOPs, achieved rate, plain addmm's rate at the path's own shapes
+(measured in this run) and the ratio to the floor (the useful FLOPs at the best of those rates;
+benchmarks/flops.py).
 `--lengths flickr` draws caption lengths from real Flickr30k captions instead of uniformly over 8..35 tokens.
 """
 from __future__ import annotations
