@@ -268,7 +268,7 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
             pairs = packed.pack_pairs(text_ids, texts_in_order[batch.pairs], lengths_in_order[batch.pairs],
                                       plan.lengths[batch.pairs], batch.pairs_per_image)
             with utils.autocast_context(autocast):
-                logits = packed.match_logits(model, pairs, [(k[batch.images], v[batch.images]) for k, v in kv])
+                logits = model.match_logits_packed(pairs, [(k[batch.images], v[batch.images]) for k, v in kv])
             logits_in_order[batch.pairs] = logits[:, 1].float()
     order = plan.order.to(device)
     my_scores = torch.empty_like(logits_in_order)

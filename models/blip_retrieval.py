@@ -20,6 +20,7 @@ from models.checkpoint import MOMENTUM_PAIRS, load_pretrained
 from models.hf import is_hf_source, load_hf_pretrained
 from models.losses import distilled_targets, hard_negative_weights, itc_loss, itm_loss, same_id_targets
 from models.med import TextEncoder, load_med_config
+from models.packed import PackedPairs, first_token_hidden, pack_pairs
 from models.tokenizer import (DEFAULT_TOKENIZER, check_vocab_size, init_tokenizer, tokenize, trim_padding,
                               with_enc_token)
 from models.vit import VitSpec, create_vit
@@ -182,6 +183,11 @@ class BLIP_Retrieval(nn.Module):
                                    cls_only=cls_only)
         return fp32_head(self.itm_head, hidden[:, 0, :])
 
+    def match_logits_packed(self, pairs: PackedPairs, image_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                            ) -> torch.Tensor:
+        """`match_logits` of packed pairs (models/packed.py): `image_kv` holds the keys/values of their images."""
+        return fp32_head(self.itm_head, first_token_hidden(self.text_encoder, pairs, image_kv))
+
     # ------------------------------------------------------------------ training
     def forward(self, image: torch.Tensor, caption, alpha: float, idx: torch.Tensor,
                 ranks: Optional[Ranks] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,20 +276,31 @@ class BLIP_Retrieval(nn.Module):
         # Rows: (text b, image b), (text b, its negative image), (negative text of image b, image b).
         ids = torch.cat([itm_ids, itm_ids, neg_ids])
         mask = torch.cat([attention_mask, attention_mask, neg_mask])
-        if self.fast_path:
-            kv_local = self.image_kv(image_embeds)
-            if candidates.image_embeds is image_embeds:  # negatives from this batch: their keys/values are computed
-                kv_neg = [(k.index_select(0, neg_image_idx), v.index_select(0, neg_image_idx)) for k, v in kv_local]
-            else:
-                kv_neg = self.image_kv(candidates.image_embeds.index_select(0, neg_image_idx))
-            kv = [(torch.cat([k, k_neg, k]), torch.cat([v, v_neg, v]))
-                  for (k, v), (k_neg, v_neg) in zip(kv_local, kv_neg)]
-            return self.match_logits(ids, mask, image_kv=kv)  # first token only in the last layer
-        # The straightforward path: each pass projects its image tokens again.
         batch = image_embeds.shape[0]
+        if self.fast_path:  # each image's keys/values once, shared by all its rows; packed rows, no padding
+            local = torch.arange(batch, device=ids.device)
+            if candidates.image_embeds is image_embeds:  # negatives from this batch
+                images, pair_image = image_embeds, torch.cat([local, neg_image_idx, local])
+            else:  # the negative images' tokens come from other ranks: their keys/values are computed here
+                images = torch.cat([image_embeds, candidates.image_embeds.index_select(0, neg_image_idx)])
+                pair_image = torch.cat([local, local + batch, local])
+            return self._match_logits_by_image(ids, mask, pair_image, images)
+        # The straightforward path: each pass projects its image tokens again.
         images_neg = torch.cat([candidates.image_embeds.index_select(0, neg_image_idx), image_embeds])
         logits_neg = self.match_logits(ids[batch:], mask[batch:], image_embeds=images_neg, cls_only=False)
         return torch.cat([logits_pos, logits_neg])
+
+    def _match_logits_by_image(self, ids: torch.Tensor, mask: torch.Tensor, pair_image: torch.Tensor,
+                               image_embeds: torch.Tensor) -> torch.Tensor:
+        """Matching logits of the rows (ids[r], image_embeds[pair_image[r]]), packed by image (one host sync for
+        the sizes), in the order of the rows: first token only in the last layer."""
+        order = torch.argsort(pair_image, stable=True)
+        lengths = mask.sum(dim=1).index_select(0, order)
+        host_lengths, host_images = torch.stack([lengths, pair_image.index_select(0, order)]).cpu()
+        pairs_per_image = torch.bincount(host_images, minlength=image_embeds.shape[0]).tolist()
+        pairs = pack_pairs(ids, order, lengths, host_lengths, pairs_per_image)
+        logits = self.match_logits_packed(pairs, self.image_kv(image_embeds))
+        return logits.index_select(0, torch.argsort(order))
 
     def sample_hard_negatives(self, weights_t2i: torch.Tensor, weights_i2t: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from models.blip_retrieval import fp32_head
 from models.med import TEXT_ATTENTION_BACKENDS, BertLayer, ImageKV, TextEncoder, padding_bias
 
 
@@ -110,19 +109,17 @@ def _cross_attention(layer: BertLayer, hidden: torch.Tensor, counts: Sequence[in
     """Cross-attention block: the `counts[g]` consecutive rows of image g attend to its keys/values (G, h, N, d)."""
     cross = layer.crossattention.self
     heads, dim = cross.num_heads, cross.head_dim
-    keys, values = image_kv
-    q = cross.query(hidden)
-    out = torch.empty_like(q)
     dropout = cross.dropout_p if cross.training else 0.0
-    start = 0
-    for g, count in enumerate(counts):
-        if count:
-            rows = slice(start, start + count)
-            q_g = q[rows].view(1, count, heads, dim).transpose(1, 2)  # (1, h, rows, d)
-            out_g = F.scaled_dot_product_attention(q_g, keys[g:g + 1], values[g:g + 1], dropout_p=dropout)
-            out[rows].view(count, heads, dim).copy_(out_g[0].transpose(0, 1))
-        start += count
-    return layer.crossattention.output(out, hidden)
+    # split / unbind / cat rather than a slice per image: their backward passes allocate each gradient once, a
+    # slice's allocates a zero tensor of the whole batch per image (quadratic in the images).
+    keys, values = (x.unbind(0) for x in image_kv)
+    out = []
+    for g, q_g in enumerate(cross.query(hidden).split(list(counts))):
+        if q_g.shape[0]:
+            q_g = q_g.view(1, -1, heads, dim).transpose(1, 2)  # (1, h, rows, d)
+            out_g = F.scaled_dot_product_attention(q_g, keys[g][None], values[g][None], dropout_p=dropout)
+            out.append(out_g[0].transpose(0, 1))  # (rows, h, d), copied once by the cat
+    return layer.crossattention.output(torch.cat(out).view(hidden.shape[0], -1), hidden)
 
 
 def first_token_hidden(encoder: TextEncoder, packed: PackedPairs, image_kv: ImageKV) -> torch.Tensor:
@@ -145,7 +142,3 @@ def first_token_hidden(encoder: TextEncoder, packed: PackedPairs, image_kv: Imag
             hidden = layer.output(layer.intermediate(hidden), hidden)
     return hidden
 
-
-def match_logits(model, packed: PackedPairs, image_kv: ImageKV) -> torch.Tensor:
-    """Image-text matching logits (B, 2) of packed pairs (ids start with [ENC]), as `BLIP_Retrieval.match_logits`."""
-    return fp32_head(model.itm_head, first_token_hidden(model.text_encoder, packed, image_kv))

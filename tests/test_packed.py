@@ -27,7 +27,7 @@ def test_packed_match_logits_equal_the_padded_path(tiny_model):
         per_pair = embeds.repeat_interleave(torch.tensor(pairs_per_image), dim=0)
         padded = tiny_model.match_logits(ids, mask, image_embeds=per_pair, cls_only=False)  # the original's pass
         batch = packed.pack_padded(ids, mask, pairs_per_image)
-        logits = packed.match_logits(tiny_model, batch, tiny_model.image_kv(embeds))
+        logits = tiny_model.match_logits_packed(batch, tiny_model.image_kv(embeds))
     assert batch.input_ids.numel() == int(mask.sum())  # no padding token is computed
     assert batch.image_tokens == [int(mask[:3].sum()), 0, int(mask[3:].sum())]
     assert_close(logits, padded, REORDERED_DIGITS)
