@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import errno
 import importlib.metadata
-import json
 import multiprocessing
 import os
 import re

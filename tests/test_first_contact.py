@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import FIXTURES, REPO, free_port, run_torchrun
+from conftest import REPO, free_port, run_torchrun
 from synthetic import write_colour_dataset
 from test_train_retrieval import base_args, read_jsonl, run_main_error, tiny_options
 
