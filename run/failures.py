@@ -15,6 +15,7 @@ import time
 import utils
 
 _logger = logging.getLogger('train_retrieval')
+LATER_SECONDS = 5  # how much later a rank that repeats another's error dates it (write_torchrun_error_file)
 
 
 class SetupError(RuntimeError):
@@ -155,9 +156,11 @@ def fail(message: str, exit_code: int, shared: bool = False, with_traceback: boo
 def write_torchrun_error_file(message: str, later: bool = False) -> None:
     """torchrun's agent reads a failed worker's TORCHELASTIC_ERROR_FILE ({"message", "timestamp"}, the format of
     torch.distributed.elastic's error handler) and names the earliest as the root cause; `later` puts this rank's
-    after the rank whose error it repeats."""
+    after the rank whose error it repeats. The timestamps are whole seconds and the repeating rank may write
+    first (it has nothing to print), so `later` adds LATER_SECONDS: one second ties when the ranks straddle a
+    second, and the agent then names whichever exited first."""
     path = os.environ.get('TORCHELASTIC_ERROR_FILE')
     if path:
         with contextlib.suppress(OSError):
             with open(path, 'w') as f:
-                json.dump({'message': message, 'timestamp': int(time.time()) + int(later)}, f)
+                json.dump({'message': message, 'timestamp': int(time.time()) + LATER_SECONDS * later}, f)

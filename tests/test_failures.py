@@ -242,3 +242,24 @@ def test_an_output_dir_on_a_read_only_disk_fails_before_any_compute(tmp_path, re
     (message,) = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
     assert f'--output_dir {read_only_dir / "run"} cannot be written (Read-only file system' in message
     assert not any('Building the model' in r.getMessage() for r in caplog.records)
+
+
+def test_a_repeated_error_is_dated_after_the_first_even_when_written_first(tmp_path, monkeypatch):
+    """torchrun names the failure with the smallest error-file timestamp (whole seconds) as the root cause. The rank
+    that repeats rank 0's error writes first here (at 100.9 s) and rank 0 in the next second (101.8 s): one second
+    of margin tied them (both 101) and torchrun named rank 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from run.failures import write_torchrun_error_file
+    failures = []
+    for rank, now, later in ((1, 100.9, True), (0, 101.8, False)):
+        path = tmp_path / f'{rank}.json'
+        monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(path))
+        monkeypatch.setattr(time, 'time', lambda now=now: now)
+        write_torchrun_error_file('the same error as rank 0' if later else 'queue_size 40 is not divisible',
+                                  later=later)
+        failures.append(ProcessFailure(local_rank=rank, pid=rank, exitcode=2, error_file=str(path)))
+    monkeypatch.undo()
+    first = min(failures, key=lambda failure: failure.timestamp)  # as torchrun's get_first_failure picks
+    assert first.local_rank == 0 and first.message == 'queue_size 40 is not divisible'
+    assert [f.timestamp for f in failures] == [105, 101]
