@@ -272,7 +272,7 @@ def fast_scores(model, image_embeds, image_feat, text_feat, text_ids, text_mask,
             logits_in_order[batch.pairs] = logits[:, 1].float()
     order = plan.order.to(device)
     my_scores = torch.empty_like(logits_in_order)
-    my_scores[order] = logits_in_order + sims[pair_images.to(device)[order], pair_texts.to(device)[order]]
+    my_scores[order] = logits_in_order + sims[pair_images[plan.order].to(device), texts_in_order]
     _logger.info('Scored %d distinct pairs (of %d top-k entries) in %.1f s on this rank', my_keys.numel(),
                  keys_i2t.numel() + keys_t2i.numel(), time.time() - began)
 

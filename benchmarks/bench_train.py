@@ -2,8 +2,8 @@
 
 straightforward: fp32, full 35-token padding, three matching passes that each project the image tokens,
                  for-each AdamW (what the original ran, minus its process-group requirement).
-fast:            padding trimmed, image keys/values shared by the three matching passes, fused AdamW on
-                 CUDA, the chosen --precision (bf16 autocast / tf32), optional --compile.
+fast:            padding trimmed, the three matching passes packed by image (each image's keys/values once, no
+                 padding), fused AdamW on CUDA, the chosen --precision (bf16 autocast / tf32), optional --compile.
 
     python benchmarks/bench_train.py --vit base --batch 4 --steps 3 --device cpu
     python benchmarks/bench_train.py --vit base --batch 32 --precision bf16

@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from flops import ExecutedFlops
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -126,7 +128,6 @@ def timed_and_counted(fn, device):
     On the CPU the FLOPs are counted in the timed run (the hook costs microseconds per operator, the operators
     milliseconds); on a GPU, where the host's time per operator matters, in a second run, untimed.
     """
-    from flops import ExecutedFlops
     counter = ExecutedFlops()
     on_gpu = torch.device(device).type == 'cuda'
     with Timer(device) as timer, (contextlib.nullcontext() if on_gpu else counter):

@@ -141,4 +141,3 @@ def first_token_hidden(encoder: TextEncoder, packed: PackedPairs, image_kv: Imag
             hidden = _cross_attention(layer, hidden, counts, image_kv[i])
             hidden = layer.output(layer.intermediate(hidden), hidden)
     return hidden
-

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from conftest import REPO, free_port, run_torchrun
 from synthetic import write_colour_dataset
@@ -24,6 +25,7 @@ import atomic
 import train_retrieval
 import utils
 from data.loaders import ResumableDistributedSampler
+from run.failures import write_torchrun_error_file
 
 SCRIPT = os.path.join(REPO, 'train_retrieval.py')
 
@@ -248,9 +250,6 @@ def test_a_repeated_error_is_dated_after_the_first_even_when_written_first(tmp_p
     """torchrun names the failure with the smallest error-file timestamp (whole seconds) as the root cause. The rank
     that repeats rank 0's error writes first here (at 100.9 s) and rank 0 in the next second (101.8 s): one second
     of margin tied them (both 101) and torchrun named rank 1."""
-    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
-
-    from run.failures import write_torchrun_error_file
     failures = []
     for rank, now, later in ((1, 100.9, True), (0, 101.8, False)):
         path = tmp_path / f'{rank}.json'
